@@ -1,0 +1,1 @@
+"""Benchmarks: latency and Dice-parity suites with JSON, Markdown and plot reports."""

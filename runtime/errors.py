@@ -1,0 +1,31 @@
+"""Errors that reach the user as one line, without a traceback."""
+
+from __future__ import annotations
+
+
+class SegError(Exception):
+    """A problem with the user's input or environment, phrased as what is wrong and what to do."""
+
+
+class InputError(SegError):
+    """Bad input data: a missing, corrupt or unsuitable file."""
+
+
+class SpecError(SegError):
+    """A model spec that is missing, malformed or from an unknown newer schema."""
+
+
+class MissingDependency(SegError):
+    """An optional dependency is not installed; the message names the extra."""
+
+
+def require(module: str, extra: str, purpose: str):
+    """Import ``module`` or raise a MissingDependency that names the extra to install."""
+    import importlib
+
+    try:
+        return importlib.import_module(module)
+    except ImportError as exc:
+        raise MissingDependency(
+            f"{purpose} needs the '{module}' package: pip install 'unet-edge[{extra}]'"
+        ) from exc

@@ -1,0 +1,267 @@
+"""NIfTI volume I/O: read to canonical axial slices, write masks back in the input's geometry.
+
+Canonical layout: the image is reoriented to the closest RAS+ orientation and held as an
+array of shape (slices, rows, cols) = (S->I axis z, y, x), so ``data[k]`` is always the k-th
+axial slice, whatever the file's affine. Reorientation is a view (transpose and flips), so
+it costs no copy. Masks are mapped back by the exact inverse and written atomically.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import os
+import tempfile
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import nibabel as nib
+import numpy as np
+from nibabel.orientations import apply_orientation, io_orientation, ornt_transform
+
+from .errors import InputError
+
+NIFTI_SUFFIXES = (".nii", ".nii.gz")
+_RAS = np.array([[0, 1], [1, 1], [2, 1]], dtype=float)
+# gzip level 1: masks and phantoms compress well already, and level 1 is several times faster.
+GZIP_LEVEL = 1
+
+
+@dataclass
+class Volume:
+    """A CT volume in canonical orientation plus what is needed to write results back."""
+
+    data: np.ndarray  # (slices, rows, cols); int16/float32 HU; may be a non-contiguous view
+    spacing: tuple[float, float, float]  # mm along (slices, rows, cols)
+    affine: np.ndarray  # the file's affine (4x4)
+    header: Any  # the file's NIfTI header (geometry and codes are copied to outputs)
+    shape: tuple[int, int, int]  # the file's array shape
+    ornt: np.ndarray  # nibabel orientation of the file relative to RAS
+    path: Path | None = None
+
+    @property
+    def num_slices(self) -> int:
+        return int(self.data.shape[0])
+
+    def to_file_layout(self, arr: np.ndarray) -> np.ndarray:
+        """Map a canonical (slices, rows, cols) array back to the file's voxel layout."""
+        return from_canonical(arr, self.ornt)
+
+    def voxel_volume_ml(self) -> float:
+        return float(np.prod(self.spacing)) / 1000.0
+
+
+def is_nifti(path: str | os.PathLike) -> bool:
+    return str(path).endswith(NIFTI_SUFFIXES)
+
+
+def case_name(path: str | os.PathLike) -> str:
+    """File name without .nii/.nii.gz."""
+    name = Path(path).name
+    for suf in (".nii.gz", ".nii"):
+        if name.endswith(suf):
+            return name[: -len(suf)]
+    return Path(name).stem
+
+
+def to_canonical(arr: np.ndarray, ornt: np.ndarray) -> np.ndarray:
+    """File-layout (i, j, k) array -> canonical (z, y, x) view."""
+    ras = apply_orientation(arr, ornt_transform(ornt, _RAS))
+    return ras.transpose(2, 1, 0)
+
+
+def from_canonical(arr: np.ndarray, ornt: np.ndarray) -> np.ndarray:
+    """Canonical (z, y, x) array -> file-layout (i, j, k) view; inverse of to_canonical."""
+    ras = arr.transpose(2, 1, 0)
+    return apply_orientation(ras, ornt_transform(_RAS, ornt))
+
+
+def canonical_spacing(affine: np.ndarray, ornt: np.ndarray) -> tuple[float, float, float]:
+    """Voxel size in mm along canonical (z, y, x), valid for oblique affines too."""
+    zooms = np.sqrt((affine[:3, :3] ** 2).sum(axis=0))  # per file axis
+    ras = np.empty(3)
+    for file_axis, (ras_axis, _flip) in enumerate(ornt):
+        ras[int(ras_axis)] = zooms[file_axis]
+    return float(ras[2]), float(ras[1]), float(ras[0])
+
+
+def load_image(path: str | os.PathLike) -> nib.Nifti1Image:
+    """Open a NIfTI file (header only) with errors a user can act on."""
+    p = Path(path)
+    if not p.exists():
+        raise InputError(f"{p}: no such file; check the path")
+    if p.is_dir():
+        raise InputError(f"{p}: is a directory, expected a .nii or .nii.gz file")
+    if not is_nifti(p):
+        raise InputError(f"{p}: not a NIfTI file (expected .nii or .nii.gz)")
+    if not os.access(p, os.R_OK):
+        raise InputError(f"{p}: cannot read the file (permission denied)")
+    try:
+        img = nib.load(str(p))
+    except Exception as exc:  # nibabel raises several types for garbage/truncated headers
+        raise InputError(f"{p}: cannot be read as NIfTI ({_reason(exc)}); is the file complete?") from exc
+    if not isinstance(img, (nib.Nifti1Image, nib.Nifti2Image)):
+        raise InputError(f"{p}: not a NIfTI-1/2 image ({type(img).__name__})")
+    return img
+
+
+def read_array(img: nib.Nifti1Image, path: str | os.PathLike) -> np.ndarray:
+    """Voxel data in file layout, as int16/uint8 when stored unscaled, else float32."""
+    shape = img.shape
+    if len(shape) == 4 and shape[3] == 1:
+        pass
+    elif len(shape) != 3:
+        raise InputError(
+            f"{path}: image has {len(shape)} dimensions {tuple(shape)}; expected a 3D volume"
+            + (" (split the 4D series into 3D volumes first)" if len(shape) == 4 else "")
+        )
+    if min(shape[:3]) < 2:
+        raise InputError(f"{path}: image shape {tuple(shape)} is a single slice; expected a 3D volume")
+    try:
+        data = np.asanyarray(img.dataobj)
+    except (OSError, EOFError, zlib.error, ValueError) as exc:
+        raise InputError(f"{path}: voxel data is corrupt or truncated ({_reason(exc)}); re-export or re-download it") from exc
+    if data.ndim == 4:
+        data = data[..., 0]
+    if data.dtype.kind == "f":
+        if data.dtype != np.float32:
+            data = data.astype(np.float32)
+        bad = int(data.size - np.count_nonzero(np.isfinite(data)))
+        if bad:
+            raise InputError(f"{path}: {bad} voxels are NaN or Inf; replace them (e.g. with -1024 HU) and retry")
+    elif data.dtype.kind not in "iub":
+        raise InputError(f"{path}: unsupported voxel type {data.dtype}")
+    return data
+
+
+def read_volume(path: str | os.PathLike) -> Volume:
+    """Read a 3D NIfTI CT and present it as canonical axial slices (no copy)."""
+    img = load_image(path)
+    data = read_array(img, path)
+    affine = img.affine
+    if not np.all(np.isfinite(affine)) or abs(np.linalg.det(affine[:3, :3])) < 1e-9:
+        raise InputError(f"{path}: the affine is degenerate; the file's geometry header is broken")
+    ornt = io_orientation(affine)
+    return Volume(
+        data=to_canonical(data, ornt),
+        spacing=canonical_spacing(affine, ornt),
+        affine=affine,
+        header=img.header,
+        shape=tuple(int(s) for s in data.shape),
+        ornt=ornt,
+        path=Path(path),
+    )
+
+
+def read_labels(path: str | os.PathLike, num_classes: int = 3) -> Volume:
+    """Read a label volume and check its values are integer classes in [0, num_classes)."""
+    vol = read_volume(path)
+    data = vol.data
+    if data.dtype.kind == "f":
+        if not np.array_equal(data, np.round(data)):
+            raise InputError(f"{path}: label file holds non-integer values; expected classes 0..{num_classes - 1}")
+    lo, hi = int(data.min()), int(data.max())
+    if lo < 0 or hi >= num_classes:
+        values = np.unique(data)
+        raise InputError(
+            f"{path}: label values {values[:8].tolist()} outside 0..{num_classes - 1} "
+            "(0 background, 1 liver, 2 tumour); relabel the file"
+        )
+    vol.data = data.astype(np.uint8, copy=False)
+    return vol
+
+
+def intensity_warning(data: np.ndarray) -> str | None:
+    """A warning when a volume does not look like CT in Hounsfield units (e.g. MR or normalised)."""
+    sample = data[:: max(1, data.shape[0] // 16)]
+    lo, hi = float(np.percentile(sample, 1)), float(np.percentile(sample, 99))
+    if lo > -500 or hi < 0 or hi > 4000:
+        return (
+            f"intensities span {lo:.0f}..{hi:.0f} (1st-99th percentile), not the -1000..+1000 HU of CT; "
+            "results will be meaningless unless this is CT in HU"
+        )
+    return None
+
+
+def mask_image(mask_canonical: np.ndarray, ref: Volume) -> nib.Nifti1Image:
+    """A uint8 NIfTI image of a canonical mask in the reference's layout, affine and codes."""
+    if tuple(mask_canonical.shape) != tuple(ref.data.shape):
+        raise ValueError(f"mask shape {mask_canonical.shape} != canonical volume shape {ref.data.shape}")
+    arr = np.ascontiguousarray(ref.to_file_layout(mask_canonical.astype(np.uint8, copy=False)))
+    hdr = ref.header.copy()
+    hdr.set_data_dtype(np.uint8)
+    img = nib.Nifti1Image(arr, ref.affine, hdr) if isinstance(hdr, nib.Nifti1Header) else nib.Nifti2Image(arr, ref.affine, hdr)
+    qform, qcode = ref.header.get_qform(coded=True)
+    sform, scode = ref.header.get_sform(coded=True)
+    img.set_qform(qform if qform is not None else ref.affine, code=int(qcode or 0))
+    img.set_sform(sform if sform is not None else ref.affine, code=int(scode or 0))
+    img.header.set_slope_inter(1.0, 0.0)
+    img.header["cal_min"], img.header["cal_max"] = 0, 0
+    return img
+
+
+def write_mask(mask_canonical: np.ndarray, ref: Volume, path: str | os.PathLike) -> Path:
+    """Write a canonical label mask with the input's shape, orientation and affine, atomically."""
+    return write_nifti(mask_image(mask_canonical, ref), path)
+
+
+def nifti_bytes(img: nib.Nifti1Image, path: str | os.PathLike) -> bytes:
+    """Serialise an image as .nii or deterministic .nii.gz (no timestamp in the gzip header)."""
+    raw = img.to_bytes()
+    if str(path).endswith(".gz"):
+        return gzip.compress(raw, compresslevel=GZIP_LEVEL, mtime=0)
+    return raw
+
+
+def write_nifti(img: nib.Nifti1Image, path: str | os.PathLike) -> Path:
+    """Write a NIfTI image atomically; same image, same bytes."""
+    return write_bytes_atomic(path, nifti_bytes(img, path))
+
+
+def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> Path:
+    """Write to a temporary file in the target directory, then rename over the target."""
+    p = Path(path)
+    parent = p.parent if str(p.parent) else Path(".")
+    if not parent.is_dir():
+        raise InputError(f"{parent}: output directory does not exist; create it first")
+    try:
+        fd, tmp = tempfile.mkstemp(dir=parent, prefix=f".{p.name}.", suffix=".part")
+    except OSError as exc:
+        raise InputError(f"{parent}: cannot write there ({_reason(exc)}); choose a writable output directory") from exc
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, p)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+    return p
+
+
+def write_json_atomic(path: str | os.PathLike, obj: Any) -> Path:
+    return write_bytes_atomic(path, (json.dumps(obj, indent=2, default=_json_default) + "\n").encode())
+
+
+def _json_default(o: Any) -> Any:
+    if isinstance(o, (np.integer,)):
+        return int(o)
+    if isinstance(o, (np.floating,)):
+        return float(o)
+    if isinstance(o, np.ndarray):
+        return o.tolist()
+    if isinstance(o, Path):
+        return str(o)
+    raise TypeError(f"not JSON serialisable: {type(o).__name__}")
+
+
+def _reason(exc: BaseException) -> str:
+    msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    return msg[:160]

@@ -1,0 +1,179 @@
+"""The one preprocessing, shared by training, calibration, parity and inference.
+
+Pure functions of (slices, spacing, spec.preprocess), deterministic, vectorised over slices,
+float32. In-plane resampling is linear algebra: each axis is resampled by a small
+interpolation matrix, so a stack of slices maps to the model grid with two batched matrix
+products, and predictions map back with the matrices of the inverse grid. The same matrices
+are exact on any input size, never look at the data's values, and can be embedded in an
+ONNX graph as MatMul constants.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import lru_cache
+
+import numpy as np
+
+from .spec import Preprocess
+
+
+def window(hu: np.ndarray, lo: float, hi: float, out: np.ndarray | None = None) -> np.ndarray:
+    """Clip HU to [lo, hi] and scale to [0, 1], as float32."""
+    x = np.asarray(hu, dtype=np.float32) if out is None else out
+    if out is not None:
+        np.copyto(out, hu, casting="unsafe")
+    np.clip(x, lo, hi, out=x)
+    x -= np.float32(lo)
+    x *= np.float32(1.0 / (hi - lo))
+    return x
+
+
+@lru_cache(maxsize=64)
+def interp_matrix(n_in: int, spacing_in: float, n_out: int, spacing_out: float) -> np.ndarray:
+    """(n_out, n_in) float32 matrix resampling one axis between two grids with a common centre.
+
+    Output sample j sits at (j - (n_out-1)/2) * spacing_out mm from the centre. Linear
+    interpolation when upsampling; a triangle filter as wide as the output pixel when
+    downsampling (antialiasing). Samples outside the input get weight 0 (padding), samples
+    near the edge renormalise over the taps that exist.
+    """
+    scale = spacing_out / spacing_in  # input pixels per output pixel
+    half = max(1.0, scale)  # filter half-width in input pixels
+    centre_in = (n_in - 1) / 2.0
+    x = centre_in + (np.arange(n_out) - (n_out - 1) / 2.0) * scale  # input coordinates
+    taps = np.arange(n_in, dtype=np.float64)
+    w = np.clip(1.0 - np.abs(taps[None, :] - x[:, None]) / half, 0.0, None)
+    inside = (x >= -0.5) & (x <= n_in - 0.5)
+    total = w.sum(axis=1, keepdims=True)
+    w = np.where(inside[:, None] & (total > 0), w / np.where(total > 0, total, 1.0), 0.0)
+    m = w.astype(np.float32)
+    m.setflags(write=False)
+    return m
+
+
+@dataclass(frozen=True)
+class SliceGrid:
+    """The mapping between a volume's in-plane grid and the model's input grid."""
+
+    rows_fwd: np.ndarray  # (model_rows, rows)
+    cols_fwd: np.ndarray  # (model_cols, cols)
+    rows_inv: np.ndarray  # (rows, model_rows)
+    cols_inv: np.ndarray  # (cols, model_cols)
+
+    @property
+    def in_shape(self) -> tuple[int, int]:
+        return self.rows_inv.shape[0], self.cols_inv.shape[0]
+
+    @property
+    def model_shape(self) -> tuple[int, int]:
+        return self.rows_fwd.shape[0], self.cols_fwd.shape[0]
+
+
+def model_spacing(in_shape: tuple[int, int], in_spacing: tuple[float, float], pre: Preprocess) -> tuple[float, float]:
+    """The physical spacing (mm) of the model grid for a slice of this shape and spacing."""
+    if pre.mode == "spacing":
+        return float(pre.spacing_mm), float(pre.spacing_mm)
+    return (
+        in_shape[0] * in_spacing[0] / pre.size[0],
+        in_shape[1] * in_spacing[1] / pre.size[1],
+    )
+
+
+def slice_grid(in_shape: tuple[int, int], in_spacing: tuple[float, float], pre: Preprocess) -> SliceGrid:
+    """Grid mapping for slices of ``in_shape`` (rows, cols) at ``in_spacing`` (mm)."""
+    (r, c), (sr, sc) = in_shape, in_spacing
+    mr, mc = pre.size
+    out_sr, out_sc = model_spacing(in_shape, in_spacing, pre)
+    # round the spacings so that grids of equal geometry share cached matrices
+    sr, sc, out_sr, out_sc = (round(float(v), 6) for v in (sr, sc, out_sr, out_sc))
+    return SliceGrid(
+        rows_fwd=interp_matrix(r, sr, mr, out_sr),
+        cols_fwd=interp_matrix(c, sc, mc, out_sc),
+        rows_inv=interp_matrix(mr, out_sr, r, sr),
+        cols_inv=interp_matrix(mc, out_sc, c, sc),
+    )
+
+
+def resample(stack: np.ndarray, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
+    """Apply per-axis matrices to the last two axes: rows @ x @ cols.T, for any leading dims."""
+    # the cheaper association first: shrink the larger reduction early
+    if rows.shape[0] * stack.shape[-1] <= cols.shape[0] * stack.shape[-2]:
+        return np.matmul(np.matmul(rows, stack), cols.T)
+    return np.matmul(rows, np.matmul(stack, cols.T))
+
+
+def to_model_grid(slices_hu: np.ndarray, grid: SliceGrid, pre: Preprocess) -> np.ndarray:
+    """(n, rows, cols) HU -> (n, model_rows, model_cols) float32 in [0, 1]; padding is 0."""
+    x = window(slices_hu, *pre.window)
+    return np.ascontiguousarray(resample(x, grid.rows_fwd, grid.cols_fwd), dtype=np.float32)
+
+
+def context_indices(indices: np.ndarray, num_slices: int, k: int) -> np.ndarray:
+    """(n, 2k+1) slice indices of each slice's neighbourhood, edge-replicated."""
+    offsets = np.arange(-k, k + 1)
+    return np.clip(np.asarray(indices)[:, None] + offsets[None, :], 0, num_slices - 1)
+
+
+def make_batch(
+    volume: np.ndarray, spacing: tuple[float, float, float], pre: Preprocess, start: int, stop: int,
+    grid: SliceGrid | None = None,
+) -> np.ndarray:
+    """Model input (n, 2k+1, model_rows, model_cols) for canonical slices [start, stop).
+
+    ``volume`` is canonical (slices, rows, cols) in HU; each slice is preprocessed once and
+    the context channels are gathered from the preprocessed neighbours.
+    """
+    n_slices = volume.shape[0]
+    grid = grid or slice_grid(volume.shape[1:], spacing[1:], pre)
+    k = pre.context
+    lo, hi = max(0, start - k), min(n_slices, stop + k)
+    prepped = to_model_grid(volume[lo:hi], grid, pre)
+    idx = context_indices(np.arange(start, stop), n_slices, k) - lo
+    return prepped[idx]
+
+
+def preprocess_volume(volume: np.ndarray, spacing: tuple[float, float, float], pre: Preprocess) -> np.ndarray:
+    """The whole volume as model input (slices, 2k+1, model_rows, model_cols)."""
+    return make_batch(volume, spacing, pre, 0, volume.shape[0])
+
+
+def labels_to_model_grid(labels: np.ndarray, grid: SliceGrid, num_classes: int) -> np.ndarray:
+    """(n, rows, cols) labels -> model grid by resampling one-hot maps, then argmax (uint8)."""
+    onehot = (labels[:, None] == np.arange(num_classes, dtype=labels.dtype)[None, :, None, None]).astype(np.float32)
+    # padding (all weights 0) must become background, so give background a tiny head start
+    onehot[:, 0] += 1e-6
+    res = resample(onehot, grid.rows_fwd, grid.cols_fwd)
+    return res.argmax(axis=1).astype(np.uint8)
+
+
+def logits_to_labels(logits: np.ndarray, grid: SliceGrid, activation: str = "softmax") -> np.ndarray:
+    """(n, C, model_rows, model_cols) logits -> (n, rows, cols) uint8 labels on the input grid.
+
+    Logits are resampled (linearly) to the input grid, then argmax'ed. For softmax outputs
+    only the C-1 differences to the background logit are resampled: interpolation is linear,
+    so the argmax is the same and one channel of work is saved. Pixels outside the model's
+    field of view get background.
+    """
+    logits = np.asarray(logits, dtype=np.float32)
+    if activation == "sigmoid":
+        up = resample(logits[:, 0], grid.rows_inv, grid.cols_inv)
+        return (up > 0).astype(np.uint8)
+    diff = logits[:, 1:] - logits[:, :1]
+    up = resample(diff, grid.rows_inv, grid.cols_inv)  # (n, C-1, rows, cols)
+    return argmax_with_background(up)
+
+
+def argmax_with_background(diff: np.ndarray) -> np.ndarray:
+    """Labels from (n, C-1, ...) foreground-minus-background scores: 0 unless some score > 0.
+
+    A running compare instead of np.argmax: several times faster on large slices, and ties
+    go to the lower class, as argmax does.
+    """
+    best = np.maximum(diff[:, 0], 0.0)
+    labels = (diff[:, 0] > 0).view(np.uint8).copy()
+    for c in range(1, diff.shape[1]):
+        better = diff[:, c] > best
+        labels[better] = c + 1
+        np.maximum(best, diff[:, c], out=best)
+    return labels

@@ -1,0 +1,1 @@
+"""Training: the UNet, data sampling and augmentation, the training loop (torch)."""

@@ -1,0 +1,168 @@
+"""Segmentation metrics as the LiTS challenge scores them.
+
+Liver = label >= 1 (liver including its tumours), tumour = label == 2. Dice per case and
+global Dice (pooled over cases); Jaccard/VOE, signed RVD; ASSD and HD95 in millimetres on
+the voxel grid's spacing. An empty prediction against a non-empty reference scores Dice 0;
+both empty is reported as such ("both empty", value None), never as a silent 1.
+
+Surface distances follow medpy (used by the LiTS scoring code): the border of a mask is
+mask XOR its erosion with a face-connected structuring element; distances are Euclidean
+distance transforms (with ``sampling`` = spacing) from each border voxel of one mask to the
+other mask's border. ASSD is the mean of both directions' distances pooled; HD95 is the
+larger of the two directions' 95th percentiles (medpy.metric.hd95).
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from scipy.ndimage import binary_erosion, distance_transform_edt, generate_binary_structure
+
+STRUCTURES = {"liver": lambda lab: lab >= 1, "tumor": lambda lab: lab == 2}
+
+
+def dice(pred: np.ndarray, ref: np.ndarray) -> float | None:
+    p, r = int(np.count_nonzero(pred)), int(np.count_nonzero(ref))
+    if p + r == 0:
+        return None
+    return 2.0 * int(np.count_nonzero(pred & ref)) / (p + r)
+
+
+def jaccard(pred: np.ndarray, ref: np.ndarray) -> float | None:
+    union = int(np.count_nonzero(pred | ref))
+    return None if union == 0 else int(np.count_nonzero(pred & ref)) / union
+
+
+def rvd(pred: np.ndarray, ref: np.ndarray) -> float | None:
+    r = int(np.count_nonzero(ref))
+    return None if r == 0 else (int(np.count_nonzero(pred)) - r) / r
+
+
+def _bbox(mask: np.ndarray, pad: int = 1) -> tuple[slice, ...]:
+    idx = [np.nonzero(mask.any(axis=tuple(j for j in range(mask.ndim) if j != i)))[0] for i in range(mask.ndim)]
+    return tuple(slice(max(0, int(ix[0]) - pad), min(n, int(ix[-1]) + pad + 1)) for ix, n in zip(idx, mask.shape))
+
+
+def _border(mask: np.ndarray) -> np.ndarray:
+    return mask ^ binary_erosion(mask, structure=generate_binary_structure(mask.ndim, 1), border_value=0)
+
+
+def surface_distances(pred: np.ndarray, ref: np.ndarray, spacing, crop: bool = True) -> tuple[np.ndarray, np.ndarray]:
+    """(pred border -> ref border, ref border -> pred border) distances in mm. Both masks non-empty."""
+    if crop:  # distances between borders never leave the joint bounding box (plus one voxel)
+        box = _bbox(pred | ref, pad=1)
+        pred, ref = pred[box], ref[box]
+    bp, br = _border(pred), _border(ref)
+    d_to_ref = distance_transform_edt(~br, sampling=spacing)
+    d_to_pred = distance_transform_edt(~bp, sampling=spacing)
+    return d_to_ref[bp], d_to_pred[br]
+
+
+def assd(pred, ref, spacing) -> float | None:
+    if not pred.any() or not ref.any():
+        return None
+    a, b = surface_distances(pred, ref, spacing)
+    return float(np.concatenate([a, b]).mean())
+
+
+def hd95(pred, ref, spacing) -> float | None:
+    if not pred.any() or not ref.any():
+        return None
+    a, b = surface_distances(pred, ref, spacing)
+    return float(max(np.percentile(a, 95), np.percentile(b, 95)))
+
+
+def structure_metrics(pred: np.ndarray, ref: np.ndarray, spacing, surface: bool = True) -> dict:
+    p, r = int(np.count_nonzero(pred)), int(np.count_nonzero(ref))
+    inter = int(np.count_nonzero(pred & ref))
+    voxel_ml = float(np.prod(spacing)) / 1000.0
+    note = None
+    if p == 0 and r == 0:
+        note = "both empty"
+    elif p == 0:
+        note = "prediction empty"
+    elif r == 0:
+        note = "reference empty"
+    out = {
+        "dice": None if p + r == 0 else 2.0 * inter / (p + r),
+        "voe": None if p + r == 0 else 1.0 - inter / (p + r - inter),
+        "rvd": None if r == 0 else (p - r) / r,
+        "assd": None, "hd95": None,
+        "pred_voxels": p, "ref_voxels": r, "intersection": inter,
+        "pred_ml": p * voxel_ml, "ref_ml": r * voxel_ml, "note": note,
+    }
+    if surface and p and r:
+        a, b = surface_distances(pred, ref, spacing)
+        out["assd"] = float(np.concatenate([a, b]).mean())
+        out["hd95"] = float(max(np.percentile(a, 95), np.percentile(b, 95)))
+    return out
+
+
+def case_metrics(pred_labels: np.ndarray, ref_labels: np.ndarray, spacing, surface: bool = True) -> dict:
+    """Liver and tumour metrics of one case (label arrays on the same grid)."""
+    if pred_labels.shape != ref_labels.shape:
+        raise ValueError(f"prediction shape {pred_labels.shape} != reference shape {ref_labels.shape}; they must share a grid")
+    return {name: structure_metrics(sel(pred_labels), sel(ref_labels), spacing, surface) for name, sel in STRUCTURES.items()}
+
+
+def _mean(values) -> float | None:
+    v = [x for x in values if x is not None]
+    return float(np.mean(v)) if v else None
+
+
+def summarize(per_case: dict[str, dict]) -> dict:
+    """Per structure: mean per-case Dice (over defined cases), global Dice pooled over cases, other means."""
+    out = {}
+    for name in STRUCTURES:
+        rows = [m[name] for m in per_case.values()]
+        denom = sum(r["pred_voxels"] + r["ref_voxels"] for r in rows)
+        out[name] = {
+            "dice_per_case_mean": _mean(r["dice"] for r in rows),
+            "dice_global": (2.0 * sum(r["intersection"] for r in rows) / denom) if denom else None,
+            "voe_mean": _mean(r["voe"] for r in rows),
+            "rvd_mean": _mean(r["rvd"] for r in rows),
+            "assd_mean": _mean(r["assd"] for r in rows),
+            "hd95_mean": _mean(r["hd95"] for r in rows),
+            "cases": len(rows),
+            "cases_both_empty": sum(r["note"] == "both empty" for r in rows),
+        }
+    return out
+
+
+def _fmt(v, digits: int = 4) -> str:
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return "n/a"
+    return f"{v:.{digits}f}"
+
+
+_COLUMNS = [("liver", "dice", "Liver Dice", 4), ("tumor", "dice", "Tumour Dice", 4), ("liver", "voe", "Liver VOE", 4),
+            ("liver", "rvd", "Liver RVD", 4), ("liver", "assd", "Liver ASSD mm", 2), ("liver", "hd95", "Liver HD95 mm", 2),
+            ("tumor", "assd", "Tumour ASSD mm", 2), ("tumor", "hd95", "Tumour HD95 mm", 2)]
+
+
+def _rows(per_case: dict[str, dict], summary: dict) -> tuple[list[str], list[list[str]]]:
+    header = ["case"] + [c[2] for c in _COLUMNS] + ["note"]
+    rows = []
+    for name, m in per_case.items():
+        notes = [f"{s}: {m[s]['note']}" for s in STRUCTURES if m[s]["note"]]
+        rows.append([name] + [_fmt(m[s][k], d) for s, k, _, d in _COLUMNS] + ["; ".join(notes)])
+    key = {"dice": "dice_per_case_mean", "voe": "voe_mean", "rvd": "rvd_mean", "assd": "assd_mean", "hd95": "hd95_mean"}
+    rows.append(["mean per case"] + [_fmt(summary[s][key[k]], d) for s, k, _, d in _COLUMNS] + [""])
+    rows.append(["global (pooled)"] + [_fmt(summary[s]["dice_global"], d) if k == "dice" else "" for s, k, _, d in _COLUMNS] + [""])
+    return header, rows
+
+
+def format_table(per_case: dict[str, dict], summary: dict) -> str:
+    """A plain-text table for the terminal."""
+    header, rows = _rows(per_case, summary)
+    widths = [max(len(r[i]) for r in [header] + rows) for i in range(len(header))]
+    line = lambda r: "  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip()  # noqa: E731
+    return "\n".join([line(header), line(["-" * w for w in widths])] + [line(r) for r in rows])
+
+
+def markdown_table(per_case: dict[str, dict], summary: dict) -> str:
+    header, rows = _rows(per_case, summary)
+    out = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    out += ["| " + " | ".join(r) + " |" for r in rows]
+    return "\n".join(out)

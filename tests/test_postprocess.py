@@ -1,0 +1,51 @@
+import numpy as np
+import pytest
+
+from runtime.postprocess import fill_holes, largest_component, postprocess, volume_stats
+
+
+def test_only_the_largest_liver_component_survives_and_tumour_stays_inside_it():
+    lab = np.zeros((10, 20, 20), np.uint8)
+    lab[1:8, 2:12, 2:12] = 1  # big liver
+    lab[3:5, 4:6, 4:6] = 2  # tumour inside
+    lab[1:3, 15:18, 15:18] = 1  # a small false-positive liver blob
+    lab[8:10, 15:17, 0:2] = 2  # a tumour outside any liver
+    out = postprocess(lab)
+    assert out.dtype == np.uint8
+    assert (out[1:3, 15:18, 15:18] == 0).all() and (out[8:10, 15:17, 0:2] == 0).all()
+    assert (out[3:5, 4:6, 4:6] == 2).all()
+    assert np.count_nonzero(out >= 1) == 7 * 10 * 10
+
+
+def test_tumour_touching_the_liver_counts_as_liver_region():
+    lab = np.zeros((4, 10, 10), np.uint8)
+    lab[:, 2:6, 2:6] = 1
+    lab[:, 6:8, 2:6] = 2  # tumour at the edge of the liver, part of the same region
+    out = postprocess(lab)
+    assert (out == lab).all()
+
+
+def test_holes_are_filled_with_liver_only_when_asked():
+    lab = np.zeros((3, 9, 9), np.uint8)
+    lab[:, 1:8, 1:8] = 1
+    lab[:, 4, 4] = 0
+    assert postprocess(lab)[1, 4, 4] == 0
+    assert postprocess(lab, holes=True)[1, 4, 4] == 1
+    assert fill_holes(np.zeros((2, 3, 3), bool)).sum() == 0
+
+
+def test_empty_stays_empty():
+    assert not largest_component(np.zeros((3, 3, 3), bool)).any()
+    assert not postprocess(np.zeros((3, 3, 3), np.uint8)).any()
+
+
+@pytest.mark.parametrize("spacing, ml", [((1.0, 1.0, 1.0), 1.0), ((2.0, 0.5, 0.5), 0.5)])
+def test_volume_statistics_in_millilitres(spacing, ml):
+    lab = np.zeros((10, 10, 20), np.uint8)
+    lab[:, :, :10] = 1  # 1000 voxels of liver
+    lab[0, 0, 0] = lab[5, 5, 5] = lab[9, 9, 9] = 2  # three separate one-voxel tumours (inside the liver region)
+    s = volume_stats(lab, spacing)
+    assert s["liver_ml"] == pytest.approx(ml)
+    assert s["tumor_count"] == 3
+    assert s["tumor_ml"] == pytest.approx(3 * ml / 1000)
+    assert s["tumor_burden"] == pytest.approx(3 / 1000)

@@ -1,0 +1,292 @@
+"""The training loop: Dice + cross-entropy, Adam, LR schedule, eval-mode validation on whole
+volumes through the runtime's slice pipeline, early stopping, atomic resumable checkpoints,
+and DistributedDataParallel when launched with torchrun."""
+
+from __future__ import annotations
+
+import datetime
+import json
+import math
+import os
+import sys
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from runtime.datasets import Case, load_dataset
+from runtime.errors import InputError
+from runtime.inference import predict_labels
+from runtime.io import read_labels, read_volume, write_bytes_atomic
+from runtime.metrics import case_metrics, summarize
+from runtime.postprocess import postprocess
+from runtime.spec import ModelSpec
+
+from .checkpoint import load_checkpoint, save_checkpoint
+from .config import TrainConfig
+from .data import (
+    EpochSampler,
+    SliceDataset,
+    SliceSampler,
+    augment,
+    index_cases,
+    split_cases,
+    write_split,
+)
+from .model import UNet
+
+
+def select_device(name: str) -> torch.device:
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise InputError("--device cuda asked for, but torch sees no CUDA device; use --device auto")
+    return torch.device(name)
+
+
+def loss_fn(logits: torch.Tensor, target: torch.Tensor, dice_weight: float = 1.0) -> torch.Tensor:
+    """Cross-entropy + soft Dice over the foreground classes (sigmoid + BCE for one channel)."""
+    if logits.shape[1] == 1:
+        t = (target >= 1).float()
+        p = torch.sigmoid(logits[:, 0])
+        ce = F.binary_cross_entropy_with_logits(logits[:, 0], t)
+        inter, denom = (p * t).sum(), p.sum() + t.sum()
+        return ce + dice_weight * (1 - (2 * inter + 1) / (denom + 1))
+    ce = F.cross_entropy(logits, target)
+    prob = logits.softmax(1)
+    onehot = F.one_hot(target, logits.shape[1]).permute(0, 3, 1, 2).float()
+    dims = (0, 2, 3)
+    inter = (prob * onehot).sum(dims)[1:]
+    denom = (prob.sum(dims) + onehot.sum(dims))[1:]
+    dice = (2 * inter + 1) / (denom + 1)
+    return ce + dice_weight * (1 - dice.mean())
+
+
+def lr_at(cfg: TrainConfig, epoch: float) -> float:
+    """Learning rate at a (fractional) epoch: linear warm-up, then cosine or step decay."""
+    if epoch < cfg.warmup_epochs:
+        return cfg.lr * (epoch + 1e-3) / cfg.warmup_epochs
+    if cfg.schedule == "cosine":
+        t = (epoch - cfg.warmup_epochs) / max(1, cfg.epochs - cfg.warmup_epochs)
+        return cfg.lr * (0.02 + 0.98 * 0.5 * (1 + math.cos(math.pi * min(1.0, t))))
+    return cfg.lr * (0.3 ** int(epoch // max(1, cfg.epochs // 3)))
+
+
+def evaluate_cases(model: torch.nn.Module, spec: ModelSpec, cases: list[Case], device: torch.device, batch: int = 16, progress: bool = False) -> dict:
+    """Eval-mode whole-volume metrics through runtime.inference.predict_labels (the runtime's path)."""
+    model.eval()
+
+    @torch.inference_mode()
+    def infer(x: np.ndarray) -> np.ndarray:
+        return model(torch.from_numpy(x).to(device)).float().cpu().numpy()
+
+    per_case = {}
+    for c in tqdm(cases, desc="validate", unit="case", leave=False, disable=not progress):
+        vol = read_volume(c.image)
+        ref = read_labels(c.label).data
+        pred = postprocess(predict_labels(vol.data, vol.spacing, spec, infer, batch))
+        per_case[c.name] = case_metrics(pred, ref, vol.spacing, surface=False)
+    return per_case
+
+
+def val_score(summary: dict) -> float:
+    """Early-stopping score: mean of the liver and tumour mean per-case Dice."""
+    vals = [summary[s]["dice_per_case_mean"] for s in ("liver", "tumor") if summary[s]["dice_per_case_mean"] is not None]
+    return float(np.mean(vals)) if vals else 0.0
+
+
+def _rng_state() -> dict:
+    return {"torch": torch.get_rng_state()}
+
+
+def _dist() -> tuple[int, int]:
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        import torch.distributed as dist
+
+        if not dist.is_initialized():
+            dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def fit(data_dir: str | Path, out_dir: str | Path, cfg: TrainConfig, resume: bool = False, log=print) -> dict:
+    """Train; returns the final summary. Rank 0 writes every file."""
+    rank, world = _dist()
+    out = Path(out_dir)
+    progress = sys.stderr.isatty() and rank == 0
+    if rank == 0:
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+            probe = out / ".write-test"
+            probe.write_bytes(b"")
+            probe.unlink()
+        except OSError as exc:
+            raise InputError(f"{out}: cannot write the run directory ({exc.strerror}); choose a writable --out") from exc
+    cases = load_dataset(data_dir)
+    train_cases, val_cases = split_cases(cases, cfg.val_fraction, cfg.seed, cfg.val_cases or None)
+    device = select_device(cfg.device)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    torch.manual_seed(cfg.seed)
+
+    provenance = {"dataset": Path(data_dir).name, "train_cases": [c.name for c in train_cases],
+                  "val_cases": [c.name for c in val_cases], "seed": cfg.seed, "torch": torch.__version__,
+                  "config": asdict(cfg)}
+    spec = cfg.spec(provenance)
+    model = UNet(**spec.model)
+    model.check_input_size(cfg.size, cfg.size)
+    if cfg.crop:
+        model.check_input_size(cfg.crop, cfg.crop)
+    model.to(device)
+    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    start_epoch, best, stale = 0, -1.0, 0
+    if resume:
+        last = out / "last.pt"
+        if not last.exists():
+            raise InputError(f"{last}: nothing to resume; run without --resume first")
+        ck = load_checkpoint(last)
+        if ck.spec.model != spec.model or ck.spec.preprocess != spec.preprocess:
+            raise InputError(f"{last}: was trained with a different model or preprocessing; resume with the same options")
+        model.load_state_dict(ck.state_dict)
+        opt.load_state_dict(ck.extra["optimizer"])
+        start_epoch, best, stale = int(ck.extra["epoch"]), float(ck.extra["best"]), int(ck.extra["stale"])
+        torch.set_rng_state(ck.extra["rng"]["torch"])
+        log(f"resuming after epoch {start_epoch} (best validation score {best:.4f})")
+    net = model
+    if world > 1:
+        net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    if rank == 0:
+        write_split(out / "split.json", train_cases, val_cases, cfg.seed)
+        write_bytes_atomic(out / "config.json", json.dumps(asdict(cfg), indent=2).encode())
+
+    index = index_cases(train_cases)
+    sampler = SliceSampler(index, cfg.seed, (cfg.tumour_oversampling, cfg.liver_oversampling, 1 - cfg.tumour_oversampling - cfg.liver_oversampling))
+    per_epoch = cfg.steps_per_epoch * cfg.batch_size
+    ds = SliceDataset(train_cases, spec.preprocess, sampler, per_epoch, cfg.crop or None, cfg.seed, rank, world, cfg.cache_volumes)
+    ep_sampler = EpochSampler(per_epoch)
+    dl = torch.utils.data.DataLoader(ds, batch_size=cfg.batch_size, sampler=ep_sampler, num_workers=cfg.workers,
+                                     persistent_workers=cfg.workers > 0, prefetch_factor=4 if cfg.workers else None)
+    use_amp = device.type == "cuda"
+    scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
+    summary: dict = {}
+    for epoch in range(start_epoch, cfg.epochs):
+        t0 = time.perf_counter()
+        ep_sampler.set_epoch(epoch)
+        gen = torch.Generator().manual_seed(cfg.seed * 1000 + epoch * 7 + rank)
+        net.train()
+        losses = []
+        bar = tqdm(dl, desc=f"epoch {epoch + 1}/{cfg.epochs}", unit="batch", disable=not progress, leave=False)
+        for step, (x, y) in enumerate(bar):
+            for group in opt.param_groups:
+                group["lr"] = lr_at(cfg, epoch + step / max(1, len(dl)))
+            x, y = augment(x, y, gen)
+            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            with torch.autocast(device.type, enabled=use_amp):
+                loss = loss_fn(net(x), y, cfg.dice_weight)
+            opt.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            scaler.step(opt)
+            scaler.update()
+            losses.append(float(loss.detach()))
+            bar.set_postfix(loss=f"{np.mean(losses[-20:]):.3f}", slices_s=f"{(step + 1) * cfg.batch_size / (time.perf_counter() - t0):.1f}")
+        train_loss = float(np.mean(losses))
+        if world > 1:
+            import torch.distributed as dist
+
+            t = torch.tensor([train_loss], device=device)
+            dist.all_reduce(t)
+            train_loss = float(t) / world
+        train_time = time.perf_counter() - t0
+        record = {"epoch": epoch + 1, "train_loss": train_loss, "lr": opt.param_groups[0]["lr"], "train_s": round(train_time, 1)}
+        stop = False
+        if rank == 0 and ((epoch + 1) % cfg.val_every == 0 or epoch + 1 == cfg.epochs):
+            tv = time.perf_counter()
+            per_case = evaluate_cases(model, spec, val_cases, device, progress=progress)
+            summary = summarize(per_case)
+            score = val_score(summary)
+            record.update({"val_liver_dice": summary["liver"]["dice_per_case_mean"], "val_tumor_dice": summary["tumor"]["dice_per_case_mean"],
+                           "val_score": score, "val_s": round(time.perf_counter() - tv, 1),
+                           "val_per_case": {k: {"liver": v["liver"]["dice"], "tumor": v["tumor"]["dice"]} for k, v in per_case.items()}})
+            if score > best:
+                best, stale = score, 0
+                final = spec.with_(provenance={**provenance, "epochs": epoch + 1, "val_liver_dice": record["val_liver_dice"],
+                                                "val_tumor_dice": record["val_tumor_dice"], "date": datetime.date.today().isoformat()})
+                save_checkpoint(out / "best.pt", model, final, epoch=epoch + 1, best=best)
+            else:
+                stale += 1
+            stop = stale >= cfg.patience
+        if world > 1:
+            import torch.distributed as dist
+
+            flag = torch.tensor([int(stop)], device=device)
+            dist.broadcast(flag, 0)
+            stop = bool(flag)
+        if rank == 0:
+            save_checkpoint(out / "last.pt", model, spec, optimizer=opt.state_dict(), epoch=epoch + 1, best=best,
+                            stale=stale, rng=_rng_state())
+            _append_jsonl(out / "metrics.jsonl", record)
+            _plot(out)
+            msg = f"epoch {epoch + 1}: loss {train_loss:.4f}, {train_time:.0f}s"
+            if "val_score" in record:
+                msg += f"; eval-mode val Dice liver {_f(record['val_liver_dice'])} tumour {_f(record['val_tumor_dice'])}"
+            log(msg)
+        if stop:
+            if rank == 0:
+                log(f"early stop: no validation improvement for {cfg.patience} validations")
+            break
+    return {"best_score": best, "summary": summary}
+
+
+def _f(v) -> str:
+    return "n/a" if v is None else f"{v:.4f}"
+
+
+def _append_jsonl(path: Path, record: dict) -> None:
+    """Append one line; rewrite atomically so an interrupted run never leaves half a line."""
+    old = path.read_bytes() if path.exists() else b""
+    write_bytes_atomic(path, old + (json.dumps(record) + "\n").encode())
+
+
+def read_log(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def _plot(out: Path) -> None:
+    """Loss and Dice curves as PNG (matplotlib, Agg)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    import io
+
+    log = read_log(out / "metrics.jsonl")
+    ep = [r["epoch"] for r in log]
+    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 3.6))
+    a.plot(ep, [r["train_loss"] for r in log], marker="o")
+    a.set_xlabel("epoch")
+    a.set_ylabel("train loss (CE + Dice)")
+    a.grid(alpha=0.3)
+    v = [r for r in log if "val_score" in r]
+    for key, label in (("val_liver_dice", "liver"), ("val_tumor_dice", "tumour")):
+        b.plot([r["epoch"] for r in v], [r[key] if r[key] is not None else np.nan for r in v], marker="o", label=label)
+    b.set_xlabel("epoch")
+    b.set_ylabel("eval-mode validation Dice (per case)")
+    b.set_ylim(0, 1)
+    b.grid(alpha=0.3)
+    b.legend()
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=90)
+    plt.close(fig)
+    write_bytes_atomic(out / "curves.png", buf.getvalue())

@@ -2,20 +2,210 @@
 
 from __future__ import annotations
 
+import glob
+import sys
+import tempfile
+import time
+from pathlib import Path
+
 import click
 
-from .cliutil import DEBUG_OPTION, run_cli
+from .cliutil import DEBUG_OPTION, EXIT_FAILED, run_cli
+from .errors import InputError, SegError
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+def expand_inputs(inputs: tuple[str, ...]) -> list[Path]:
+    """Files, directories (their .nii/.nii.gz files) and glob patterns, in a stable order."""
+    from .io import is_nifti
+
+    paths: list[Path] = []
+    for item in inputs:
+        p = Path(item)
+        if p.is_dir():
+            found = sorted(q for q in p.iterdir() if is_nifti(q) and not q.name.startswith("."))
+            if not found:
+                raise InputError(f"{p}: directory holds no .nii or .nii.gz files")
+            paths += found
+        elif any(ch in item for ch in "*?[") and not p.exists():
+            found = sorted(Path(q) for q in glob.glob(item))
+            if not found:
+                raise InputError(f"{item}: the pattern matches no files")
+            paths += found
+        else:
+            paths.append(p)  # a missing file is reported per volume, and the rest still run
+    return list(dict.fromkeys(paths))
+
+
+def check_output_dir(out: Path) -> None:
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=out, prefix=".probe-"):
+            pass
+    except OSError as exc:
+        raise InputError(f"{out}: cannot write the output directory ({exc.strerror}); choose a writable -o") from exc
+
+
+def _bar(total: int, desc: str, unit: str, leave: bool = True):
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=desc, unit=unit, leave=leave, disable=not sys.stderr.isatty())
+
+
+def segment_files(paths: list[Path], backend, out_dir: Path, batch_size: int, skip_existing: bool = False,
+                  postprocess: bool = True, holes: bool = False, overlay: bool = False, echo=click.echo) -> dict[Path, dict | str]:
+    """Segment each file; returns {path: report dict, or the error line}. One bad volume never stops the rest."""
+    from .io import case_name, intensity_warning, write_json_atomic, write_mask
+    from .models import file_sha256
+    from .pipeline import Timings, read_ahead, segment_canonical
+    from .postprocess import postprocess as post
+    from .postprocess import volume_stats
+
+    results: dict[Path, dict | str] = {}
+    model_hash = file_sha256(backend.path) if getattr(backend, "path", None) else None
+    todo = []
+    for p in paths:
+        name = case_name(p)
+        mask_path, json_path = out_dir / f"{name}_seg.nii.gz", out_dir / f"{name}.json"
+        if p.exists() and p.resolve() in (mask_path.resolve(), json_path.resolve()):
+            results[p] = f"{p}: the output would overwrite the input; choose another -o"
+            echo(f"error: {results[p]}", err=True)
+            continue
+        if skip_existing and mask_path.exists() and json_path.exists():
+            results[p] = {"skipped": True, "mask": str(mask_path)}
+            echo(f"{p}: done already, skipped")
+            continue
+        todo.append(p)
+    overall = _bar(len(todo), "volumes", "vol")
+    for p, future in read_ahead(todo):
+        name = case_name(p)
+        mask_path, json_path = out_dir / f"{name}_seg.nii.gz", out_dir / f"{name}.json"
+        t = Timings()
+        start = time.perf_counter()
+        try:
+            vol, read_s = future.result()
+            t.add("read", read_s)
+            warning = intensity_warning(vol.data)
+            if warning:
+                echo(f"warning: {p}: {warning}", err=True)
+            bar = _bar(vol.num_slices, name, "slice", leave=False)
+            labels = segment_canonical(vol.data, vol.spacing, backend.spec, backend.infer, batch_size, t, progress=bar.update)
+            bar.close()
+            s = time.perf_counter()
+            if postprocess:
+                labels = post(labels, holes=holes)
+            stats = volume_stats(labels, vol.spacing)
+            t.add("postprocess", time.perf_counter() - s)
+            s = time.perf_counter()
+            write_mask(labels, vol, mask_path)
+            t.add("write", time.perf_counter() - s)
+            if overlay:
+                from .overlay import overlay_panel
+
+                overlay_panel(vol.data, labels, out_dir / f"{name}_overlay.png")
+            t.wall = time.perf_counter() - start + read_s
+            report = {
+                "input": str(p), "mask": str(mask_path), **stats,
+                "slices": vol.num_slices, "shape": list(vol.shape), "spacing_mm": list(vol.spacing),
+                "timings_s": t.as_dict(), "backend": backend.name, "provider": backend.provider,
+                "precision": backend.precision, "batch_size": batch_size, "model": str(getattr(backend, "path", "")),
+                "model_sha256": model_hash, "postprocess": postprocess, "warnings": [warning] if warning else [],
+            }
+            write_json_atomic(json_path, report)
+            results[p] = report
+            echo(f"{p}: liver {stats['liver_ml']:.0f} mL, tumour {stats['tumor_ml']:.1f} mL in {stats['tumor_count']} lesion(s); "
+                 f"{vol.num_slices} slices in {t.wall:.1f}s -> {mask_path}")
+        except SegError as exc:
+            results[p] = str(exc)
+            echo(f"error: {exc}", err=True)
+        finally:
+            overall.update(1)
+    overall.close()
+    return results
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.argument("inputs", nargs=-1)
+@click.option("-m", "--model", type=click.Path(path_type=Path), help="model.onnx or model.plan (default: the embedded demo model).")
+@click.option("-o", "--out", "out_dir", type=click.Path(path_type=Path), default=None, help="Output directory (created if missing).")
+@click.option("--demo", is_flag=True, help="Generate a CT phantom, segment it and print Dice against its ground truth.")
+@click.option("--backend", type=click.Choice(["auto", "onnxruntime", "tensorrt"]), default="auto", show_default=True)
+@click.option("--provider", type=click.Choice(["auto", "cpu", "cuda", "tensorrt"]), default="auto", show_default=True, help="ONNX Runtime execution provider.")
+@click.option("--threads", type=click.IntRange(0), default=0, help="ONNX Runtime intra-op threads (0: all cores).")
+@click.option("--batch-size", type=click.IntRange(1), default=None, help="Slices per batch (default: chosen per backend).")
+@click.option("--skip-existing", is_flag=True, help="Skip volumes whose mask and JSON already exist (resume a batch).")
+@click.option("--overlay", is_flag=True, help="Also write <name>_overlay.png with outlines on representative slices.")
+@click.option("--no-postprocess", is_flag=True, help="Keep every predicted component (no largest-liver filter).")
+@click.option("--fill-holes", is_flag=True, help="Fill holes in the liver slice by slice.")
 @DEBUG_OPTION
-def cli() -> None:
-    """Segment liver and liver tumours in CT volumes.
+def cli(inputs, model, out_dir, demo, backend, provider, threads, batch_size, skip_existing, overlay, no_postprocess, fill_holes) -> None:
+    """Segment liver and liver tumours in CT volumes (NIfTI), writing <name>_seg.nii.gz
+    (uint8: 0 background, 1 liver, 2 tumour; the input's geometry) and <name>.json
+    (volumes in mL, tumour count and burden, per-stage timings, backend, model hash).
 
     \b
-    Example:
-      seg-run segment scans/*.nii.gz --model model.onnx -o out/
+    Examples:
+      seg-run --demo
+      seg-run scans/ --model model.onnx -o out/
+      seg-run 'scans/*.nii.gz' --model model.plan -o out/ --skip-existing
     """
+    from .models import DEMO_NOTE, demo_model_path, open_backend
+
+    if demo:
+        sys.exit(run_demo(model, out_dir, backend, provider, threads, batch_size))
+    if not inputs:
+        raise click.UsageError("give one or more NIfTI files, directories or globs (or --demo)")
+    if out_dir is None:
+        raise click.UsageError("missing -o/--out OUT_DIR")
+    paths = expand_inputs(inputs)
+    if model is None:
+        model = demo_model_path()
+        click.echo(f"note: no --model given; using the embedded demo model: {DEMO_NOTE}", err=True)
+    check_output_dir(out_dir)
+    with open_backend(model, backend, provider, threads) as be:
+        bs = batch_size or be.default_batch
+        click.echo(f"backend: {be.describe()}, batch {bs}", err=True)
+        results = segment_files(paths, be, out_dir, bs, skip_existing, not no_postprocess, fill_holes, overlay)
+    failed = [p for p, r in results.items() if isinstance(r, str)]
+    if failed:
+        click.echo(f"{len(failed)} of {len(results)} volume(s) failed", err=True)
+        sys.exit(EXIT_FAILED)
+
+
+def run_demo(model, out_dir, backend, provider, threads, batch_size) -> int:
+    """Segment a generated phantom (not one the demo model was trained on) and score it."""
+    import numpy as np
+
+    from .io import read_labels, write_nifti
+    from .metrics import dice
+    from .models import DEMO_NOTE, demo_model_path, open_backend
+    from .phantoms import make_phantom, phantom_images
+
+    model = model or demo_model_path()
+    out = out_dir or Path("seg-run-demo")
+    check_output_dir(out)
+    click.echo(f"generating a CT phantom (512x512, 120 slices) in {out} ...")
+    ph = make_phantom(seed=1234, index=0, size=512, slices=120)
+    img, seg = phantom_images(ph)
+    write_nifti(img, out / "phantom.nii.gz")
+    write_nifti(seg, out / "phantom_truth.nii.gz")
+    click.echo(f"note: {DEMO_NOTE}")
+    with open_backend(model, backend, provider, threads) as be:
+        bs = batch_size or be.default_batch
+        click.echo(f"backend: {be.describe()}, batch {bs}")
+        res = segment_files([out / "phantom.nii.gz"], be, out, bs, overlay=True)
+    r = res[out / "phantom.nii.gz"]
+    if isinstance(r, str):
+        return EXIT_FAILED
+    pred = read_labels(out / "phantom_seg.nii.gz").data
+    truth = read_labels(out / "phantom_truth.nii.gz").data
+    d_liver, d_tumour = dice(pred >= 1, truth >= 1), dice(pred == 2, truth == 2)
+    f = lambda v: "n/a (no tumour)" if v is None else f"{v:.4f}"  # noqa: E731
+    t = r["timings_s"]
+    click.echo(f"Dice vs ground truth: liver {f(d_liver)}, tumour {f(d_tumour)}")
+    click.echo("timings (s): " + ", ".join(f"{k} {t[k]:.2f}" for k in ("read", "preprocess", "infer", "postprocess", "write", "wall"))
+               + f"; {t['slices'] / max(t['infer'], 1e-9):.1f} slices/s in the model")
+    click.echo(f"mask: {r['mask']}  overlay: {out / 'phantom_overlay.png'}")
+    return 0 if d_liver is not None and np.isfinite(d_liver) else EXIT_FAILED
 
 
 def main() -> None:

@@ -230,6 +230,16 @@ def make_phantom(seed: int, index: int, size: int | None = None, slices: int | N
     return Phantom(hu=hu_f, labels=lab_f, affine=aff)
 
 
+def canonical(ph: Phantom) -> tuple[np.ndarray, np.ndarray, tuple[float, float, float]]:
+    """(HU, labels, spacing) of a phantom on the canonical grid, as read_volume would give them."""
+    from nibabel.orientations import io_orientation
+
+    from .io import canonical_spacing, to_canonical
+
+    ornt = io_orientation(ph.affine)
+    return to_canonical(ph.hu, ornt), to_canonical(ph.labels, ornt), canonical_spacing(ph.affine, ornt)
+
+
 def phantom_images(ph: Phantom) -> tuple[nib.Nifti1Image, nib.Nifti1Image]:
     """NIfTI images (int16 HU, uint8 labels) with qform and sform set to the affine."""
     out = []

@@ -1,0 +1,71 @@
+"""The backend lifecycle, in the style of Polygraphy's runners: activate, infer, release.
+
+A backend builds its heavy resources (sessions, engines, device buffers) in ``activate``,
+runs ``infer(batch) -> logits`` while active, and frees them in ``release``. It declares
+its batch limits and input dtype, and is usable as a context manager.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ..errors import SegError
+from ..spec import ModelSpec
+
+
+class Backend:
+    name = "backend"
+
+    def __init__(self) -> None:
+        self.is_active = False
+        self.spec: ModelSpec | None = None
+        self.min_batch = 1
+        self.max_batch: int | None = None  # None: no limit
+        self.default_batch = 4
+        self.input_dtype = np.float32
+        self.provider = ""
+
+    # the lifecycle --------------------------------------------------------------------
+    def activate(self) -> Backend:
+        if self.is_active:
+            raise SegError(f"{self.name} backend is already active")
+        self.activate_impl()
+        self.is_active = True
+        return self
+
+    def infer(self, batch: np.ndarray) -> np.ndarray:
+        """(n, C, H, W) float32 model input -> (n, K, H, W) float32 logits."""
+        if not self.is_active:
+            raise SegError(f"{self.name} backend used before activate()")
+        n = batch.shape[0]
+        if n < self.min_batch or (self.max_batch is not None and n > self.max_batch):
+            raise SegError(f"batch of {n} slices is outside this model's range {self.min_batch}..{self.max_batch}")
+        return self.infer_impl(np.ascontiguousarray(batch, dtype=self.input_dtype))
+
+    def release(self) -> None:
+        if self.is_active:
+            self.release_impl()
+            self.is_active = False
+
+    def __enter__(self) -> Backend:
+        return self.activate()
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+    # what subclasses implement -----------------------------------------------------------
+    def activate_impl(self) -> None:
+        raise NotImplementedError
+
+    def infer_impl(self, batch: np.ndarray) -> np.ndarray:
+        raise NotImplementedError
+
+    def release_impl(self) -> None:
+        pass
+
+    @property
+    def precision(self) -> str:
+        return self.spec.precision if self.spec else "unknown"
+
+    def describe(self) -> str:
+        return f"{self.name}{' (' + self.provider + ')' if self.provider else ''}, {self.precision}"

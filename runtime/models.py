@@ -1,0 +1,55 @@
+"""Opening a model file as a backend, and the embedded demo model."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from importlib import resources
+from pathlib import Path
+
+from .backends.base import Backend
+from .errors import InputError
+
+DEMO_ENV = "UNET_EDGE_DEMO_MODEL"  # points the demo at another model file (tests, experiments)
+DEMO_NOTE = "the demo model was trained on synthetic CT phantoms only; do not use it on patient data"
+
+
+def demo_model_path() -> Path:
+    """The embedded demo model (runtime/assets/demo.onnx), or $UNET_EDGE_DEMO_MODEL."""
+    if os.environ.get(DEMO_ENV):
+        return Path(os.environ[DEMO_ENV])
+    p = Path(str(resources.files("runtime.assets").joinpath("demo.onnx")))
+    if not p.is_file():
+        raise InputError("the demo model is not installed (runtime/assets/demo.onnx is missing); pass --model MODEL")
+    return p
+
+
+def choose_backend(path: Path, backend: str = "auto") -> str:
+    if backend != "auto":
+        return backend
+    return "tensorrt" if path.suffix in (".plan", ".engine", ".trt") else "onnxruntime"
+
+
+def open_backend(path: str | Path, backend: str = "auto", provider: str = "auto", threads: int = 0, optimize: bool | None = None) -> Backend:
+    """A backend (not yet activated) for a model file; TensorRT for plans, else ONNX Runtime."""
+    p = Path(path)
+    if not p.exists():
+        raise InputError(f"{p}: no such model file")
+    kind = choose_backend(p, backend)
+    if kind == "tensorrt":
+        from .backends.tensorrt import TensorRTBackend
+
+        return TensorRTBackend(p)
+    if kind == "onnxruntime":
+        from .backends.onnxrt import OnnxRuntimeBackend
+
+        return OnnxRuntimeBackend(p, provider=provider, threads=threads, optimize=True if optimize is None else optimize)
+    raise InputError(f"unknown backend {backend!r}; choose auto, onnxruntime or tensorrt")
+
+
+def file_sha256(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()

@@ -1,0 +1,124 @@
+"""The streaming whole-volume pipeline.
+
+Per volume: a producer thread preprocesses slice batches (runtime.preprocess.make_batch) into
+a bounded queue while the backend infers; each batch's logits are brought back to the scan's
+grid and argmax'ed straight into a preallocated uint8 mask, so peak memory is the volume,
+its mask and a few batches, never slices x classes x full-resolution logits. Across volumes,
+the next volume is read while the current one is inferred, and masks are written by a
+writer thread while the next one runs.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from .io import Volume, read_volume
+from .preprocess import logits_to_labels, make_batch, slice_grid
+from .spec import ModelSpec
+
+STAGES = ("read", "preprocess", "infer", "postprocess", "write")
+
+
+@dataclass
+class Timings:
+    """Seconds spent in each stage's own work, plus the wall time of the whole volume."""
+
+    stages: dict[str, float] = field(default_factory=lambda: dict.fromkeys(STAGES, 0.0))
+    wall: float = 0.0
+    slices: int = 0
+
+    def add(self, stage: str, seconds: float) -> None:
+        self.stages[stage] += seconds
+
+    def as_dict(self) -> dict:
+        return {**{k: round(v, 4) for k, v in self.stages.items()}, "wall": round(self.wall, 4), "slices": self.slices}
+
+
+class _Timer:
+    def __init__(self, t: Timings, stage: str):
+        self.t, self.stage = t, stage
+
+    def __enter__(self):
+        self.start = time.perf_counter()
+
+    def __exit__(self, *exc):
+        self.t.add(self.stage, time.perf_counter() - self.start)
+
+
+def segment_canonical(
+    volume: np.ndarray, spacing: tuple[float, float, float], spec: ModelSpec, infer: Callable[[np.ndarray], np.ndarray],
+    batch_size: int, timings: Timings | None = None, progress: Callable[[int], None] | None = None, queue_depth: int = 3,
+) -> np.ndarray:
+    """Canonical HU volume -> uint8 labels on the same grid, preprocessing in a producer thread."""
+    t = timings or Timings()
+    pre = spec.preprocess
+    grid = slice_grid(volume.shape[1:], spacing[1:], pre)
+    out = np.empty(volume.shape, dtype=np.uint8)
+    q: queue.Queue = queue.Queue(maxsize=queue_depth)
+    stop = threading.Event()
+    n = volume.shape[0]
+
+    def produce() -> None:
+        try:
+            for start in range(0, n, batch_size):
+                if stop.is_set():
+                    return
+                s = time.perf_counter()
+                batch = make_batch(volume, spacing, pre, start, min(start + batch_size, n), grid)
+                t.add("preprocess", time.perf_counter() - s)
+                q.put((start, batch))
+            q.put(None)
+        except BaseException as exc:  # hand the error to the consumer
+            q.put(exc)
+
+    producer = threading.Thread(target=produce, name="preprocess", daemon=True)
+    producer.start()
+    try:
+        while True:
+            item = q.get()
+            if item is None:
+                break
+            if isinstance(item, BaseException):
+                raise item
+            start, batch = item
+            with _Timer(t, "infer"):
+                logits = infer(batch)
+            with _Timer(t, "postprocess"):
+                out[start:start + len(batch)] = logits_to_labels(logits, grid, spec.io.activation)
+            t.slices += len(batch)
+            if progress:
+                progress(len(batch))
+    finally:
+        stop.set()
+        while producer.is_alive():  # unblock a producer waiting on a full queue
+            try:
+                q.get_nowait()
+            except queue.Empty:
+                producer.join(0.01)
+    return out
+
+
+def read_ahead(paths: Iterable[Path], reader: Callable[[Path], Volume] = read_volume) -> Iterator[tuple[Path, Future]]:
+    """Yield (path, future volume) with the next volume already being read in a thread."""
+    paths = list(paths)
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="read") as pool:
+
+        def timed(p: Path):
+            s = time.perf_counter()
+            vol = reader(p)
+            return vol, time.perf_counter() - s
+
+        futures = [pool.submit(timed, paths[0])] if paths else []
+        for i, p in enumerate(paths):
+            if i + 1 < len(paths):
+                futures.append(pool.submit(timed, paths[i + 1]))
+            yield p, futures[i]
+            futures[i] = None  # let the volume be freed once the caller is done with it

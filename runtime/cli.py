@@ -88,7 +88,7 @@ def segment_files(paths: list[Path], backend, out_dir: Path, batch_size: int, sk
             if warning:
                 echo(f"warning: {p}: {warning}", err=True)
             bar = _bar(vol.num_slices, name, "slice", leave=False)
-            labels = segment_canonical(vol.data, vol.spacing, backend.spec, backend.infer, batch_size, t, progress=bar.update)
+            labels = segment_canonical(vol.data, vol.spacing, backend.spec, None, batch_size, t, progress=bar.update, backend=backend)
             bar.close()
             s = time.perf_counter()
             if postprocess:

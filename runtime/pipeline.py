@@ -54,10 +54,15 @@ class _Timer:
 
 
 def segment_canonical(
-    volume: np.ndarray, spacing: tuple[float, float, float], spec: ModelSpec, infer: Callable[[np.ndarray], np.ndarray],
+    volume: np.ndarray, spacing: tuple[float, float, float], spec: ModelSpec, infer: Callable[[np.ndarray], np.ndarray] | None,
     batch_size: int, timings: Timings | None = None, progress: Callable[[int], None] | None = None, queue_depth: int = 3,
+    backend=None,
 ) -> np.ndarray:
-    """Canonical HU volume -> uint8 labels on the same grid, preprocessing in a producer thread."""
+    """Canonical HU volume -> uint8 labels on the same grid, preprocessing in a producer thread.
+
+    With a ``backend``, batches go through its submit/collect, keeping one batch in flight
+    while the next is enqueued (double buffering on TensorRT); otherwise ``infer`` is called.
+    """
     t = timings or Timings()
     pre = spec.preprocess
     grid = slice_grid(volume.shape[1:], spacing[1:], pre)
@@ -65,6 +70,8 @@ def segment_canonical(
     q: queue.Queue = queue.Queue(maxsize=queue_depth)
     stop = threading.Event()
     n = volume.shape[0]
+    submit = backend.submit if backend is not None else infer
+    collect = backend.collect if backend is not None else (lambda token: token)
 
     def produce() -> None:
         try:
@@ -79,23 +86,34 @@ def segment_canonical(
         except BaseException as exc:  # hand the error to the consumer
             q.put(exc)
 
+    def finish(pending) -> None:
+        start, count, token = pending
+        with _Timer(t, "infer"):
+            logits = collect(token)
+        with _Timer(t, "postprocess"):
+            out[start:start + count] = logits_to_labels(logits, grid, spec.io.activation)
+        t.slices += count
+        if progress:
+            progress(count)
+
     producer = threading.Thread(target=produce, name="preprocess", daemon=True)
     producer.start()
+    pending = None
     try:
         while True:
             item = q.get()
-            if item is None:
-                break
             if isinstance(item, BaseException):
                 raise item
+            if item is None:
+                break
             start, batch = item
             with _Timer(t, "infer"):
-                logits = infer(batch)
-            with _Timer(t, "postprocess"):
-                out[start:start + len(batch)] = logits_to_labels(logits, grid, spec.io.activation)
-            t.slices += len(batch)
-            if progress:
-                progress(len(batch))
+                token = submit(batch)
+            if pending is not None:
+                finish(pending)
+            pending = (start, len(batch), token)
+        if pending is not None:
+            finish(pending)
     finally:
         stop.set()
         while producer.is_alive():  # unblock a producer waiting on a full queue

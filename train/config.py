@@ -39,6 +39,7 @@ class TrainConfig:
     val_every: int = 1
     patience: int = 8
     dice_weight: float = 1.0
+    bn_slices: int = 256  # whole slices for re-estimating BatchNorm statistics before validation
     tumour_oversampling: float = 1 / 3
     liver_oversampling: float = 1 / 3
     # data

@@ -42,6 +42,14 @@ class Backend:
             raise SegError(f"batch of {n} slices is outside this model's range {self.min_batch}..{self.max_batch}")
         return self.infer_impl(np.ascontiguousarray(batch, dtype=self.input_dtype))
 
+    def submit(self, batch: np.ndarray):
+        """Start inference on a batch; ``collect`` returns its logits. Synchronous by default;
+        backends with device queues (TensorRT) overlap the next submit with this one."""
+        return self.infer(batch)
+
+    def collect(self, token) -> np.ndarray:
+        return token
+
     def release(self) -> None:
         if self.is_active:
             self.release_impl()

@@ -17,7 +17,7 @@ from runtime.backends.plan import (
     sidecar_path,
     validate_profile,
 )
-from runtime.errors import SegError, require
+from runtime.errors import TRT_HINT, SegError, require
 from runtime.io import write_bytes_atomic, write_json_atomic
 from runtime.spec import ModelSpec
 
@@ -49,7 +49,7 @@ def build_engine(onnx_path: str | Path, plan_path: str | Path, spec: ModelSpec, 
     min_b, opt_b, max_b = validate_profile(*profile)
     if not 0 <= opt_level <= 5:
         raise EngineBuildError(f"builder optimisation level must be 0-5, got {opt_level}")
-    trt = require("tensorrt", "trt", "building TensorRT engines (install TensorRT for your CUDA version, or use JetPack's)")
+    trt = require("tensorrt", "trt", "building TensorRT engines", TRT_HINT)
     if device is None:
         from runtime.backends.cuda import device_info
 

@@ -12,13 +12,14 @@ EXIT_USAGE = 2
 EXIT_FAILED = 1
 
 
-def run_cli(group: click.Group, prog_name: str) -> None:
+def run_cli(group: click.Command, prog_name: str, argv: list[str] | None = None) -> None:
     """Run a click group so that SegError and bad files give one line and a non-zero exit.
 
     With ``--debug`` anywhere on the command line the full traceback is shown instead.
     """
-    debug = "--debug" in sys.argv[1:]
-    args = [a for a in sys.argv[1:] if a != "--debug"]
+    argv = sys.argv[1:] if argv is None else list(argv)
+    debug = "--debug" in argv
+    args = [a for a in argv if a != "--debug"]
     try:
         group.main(args=args, prog_name=prog_name, standalone_mode=False)
     except click.exceptions.Abort:
@@ -45,6 +46,7 @@ def run_cli(group: click.Group, prog_name: str) -> None:
             err=True,
         )
         sys.exit(EXIT_FAILED)
+    sys.exit(0)
 
 
 DEBUG_OPTION = click.option(

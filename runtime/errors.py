@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+TRT_HINT = (
+    "install TensorRT 10.x or 11.x for your CUDA (e.g. pip install tensorrt-cu12), "
+    "or on a Jetson use JetPack's own in a venv made with --system-site-packages"
+)
+
 
 class SegError(Exception):
     """A problem with the user's input or environment, phrased as what is wrong and what to do."""
@@ -19,13 +24,13 @@ class MissingDependency(SegError):
     """An optional dependency is not installed; the message names the extra."""
 
 
-def require(module: str, extra: str, purpose: str):
-    """Import ``module`` or raise a MissingDependency that names the extra to install."""
+def require(module: str, extra: str, purpose: str, hint: str | None = None):
+    """Import ``module`` or raise a MissingDependency that names the extra (or ``hint``) to install."""
     import importlib
 
     try:
         return importlib.import_module(module)
     except ImportError as exc:
         raise MissingDependency(
-            f"{purpose} needs the '{module}' package: pip install 'unet-edge[{extra}]'"
+            f"{purpose} needs the '{module}' package: {hint or f'pip install unet-edge[{extra}]'}"
         ) from exc

@@ -18,3 +18,17 @@ def save_nifti(path, data, affine, qcode: int = 1, scode: int = 1):
 @pytest.fixture
 def rng():
     return np.random.default_rng(0)
+
+
+def run_main(cli, args, capsys, prog: str = "seg-run") -> tuple[int, str]:
+    """Run a CLI through its real entry point (one-line errors, exit codes); returns (code, stdout+stderr)."""
+    from runtime.cliutil import run_cli
+
+    capsys.readouterr()
+    try:
+        run_cli(cli, prog, [str(a) for a in args])
+        code = 0
+    except SystemExit as exc:
+        code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+    out = capsys.readouterr()
+    return code, out.out + out.err

@@ -5,7 +5,18 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from runtime.metrics import assd, case_metrics, dice, format_table, hd95, jaccard, markdown_table, rvd, summarize, surface_distances
+from runtime.metrics import (
+    assd,
+    case_metrics,
+    dice,
+    format_table,
+    hd95,
+    jaccard,
+    markdown_table,
+    rvd,
+    summarize,
+    surface_distances,
+)
 
 
 def cube(shape, lo, hi):

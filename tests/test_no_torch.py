@@ -32,7 +32,7 @@ def test_torch_is_really_blocked():
 def test_every_runtime_module_imports_without_torch():
     mods = runtime_modules()
     assert {"runtime.io", "runtime.preprocess", "runtime.spec", "runtime.cli"} <= set(mods)
-    r = run_blocked("import importlib\nfor m in %r:\n    importlib.import_module(m)\nprint('ok', len(%r))" % (mods, mods))
+    r = run_blocked(f"import importlib\nfor m in {mods!r}:\n    importlib.import_module(m)\nprint('ok', {len(mods)})")
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip() == f"ok {len(mods)}"
 

@@ -8,6 +8,7 @@ import pytest
 from click.testing import CliRunner
 
 from runtime.io import read_labels, read_volume
+from runtime.phantoms import canonical as phantom_canonical
 from runtime.phantoms import make_phantom
 from train.cli import cli
 
@@ -30,10 +31,8 @@ def cases():
 
 
 def canonical(ph):
-    ornt = nib.orientations.io_orientation(ph.affine)
-    from runtime.io import to_canonical
-
-    return to_canonical(ph.hu, ornt), to_canonical(ph.labels, ornt)
+    hu, lab, _ = phantom_canonical(ph)
+    return hu, lab
 
 
 def test_labels_tumours_and_variety(cases):

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import InputError, SegError, require
+from ..errors import TRT_HINT, InputError, SegError, require
 from ..spec import ModelSpec
 from .base import Backend
 from .cuda import load_cuda
@@ -40,7 +40,7 @@ class TensorRTBackend(Backend):
             raise InputError(f"{self.path}: no such plan file")
         side = read_sidecar(self.path)
         self.spec = ModelSpec.from_dict(side["spec"])
-        trt = require("tensorrt", "trt", "the TensorRT backend")
+        trt = require("tensorrt", "trt", "the TensorRT backend", TRT_HINT)
         self.cuda = cuda = load_cuda()
         plan = self.path.read_bytes()
         check_plan(side, plan, trt.__version__, cuda.device_info(0), self.path.name)

@@ -271,7 +271,7 @@ def fit(data_dir: str | Path, out_dir: str | Path, cfg: TrainConfig, resume: boo
             if rank == 0:
                 log(f"early stop: no validation improvement for {cfg.patience} validations")
             break
-    return {"best_score": best, "summary": summary}
+    return {"best_score": best, "summary": summary, "model": model}
 
 
 def _f(v) -> str:

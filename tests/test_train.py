@@ -1,0 +1,135 @@
+"""seg-train: learning, resume, the spec/preprocessing contract and bad input."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from runtime.errors import InputError, SpecError  # noqa: E402
+from tests.conftest import TINY, run_main  # noqa: E402
+from train.checkpoint import load_checkpoint, save_checkpoint  # noqa: E402
+from train.cli import cli  # noqa: E402
+from train.config import TrainConfig  # noqa: E402
+from train.loop import evaluate_cases, fit, read_log  # noqa: E402
+from train.model import UNet  # noqa: E402
+
+
+def test_unet_rebuilds_from_its_config_and_names_valid_sizes():
+    net = UNet(in_channels=3, classes=3, base_width=4, depth=3, norm="group", bilinear=True)
+    again = UNet(**net.config)
+    assert sum(p.numel() for p in again.parameters()) == sum(p.numel() for p in net.parameters())
+    assert net(torch.zeros(1, 3, 32, 48)).shape == (1, 3, 32, 48)
+    with pytest.raises(ValueError, match="use 64x48"):
+        net.check_input_size(60, 50)
+
+
+def test_a_tiny_model_learns_what_an_untrained_one_cannot(tiny_run, tiny_data):
+    out, cfg = tiny_run
+    log = read_log(out / "metrics.jsonl")
+    assert [r["epoch"] for r in log] == [1, 2, 3, 4, 5]
+    assert log[-1]["train_loss"] < 0.8 * log[0]["train_loss"]
+    best = load_checkpoint(out / "best.pt")
+    trained = max(r["val_liver_dice"] for r in log)
+    assert trained >= 0.5
+    from runtime.datasets import load_dataset
+
+    val = [c for c in load_dataset(tiny_data / "train") if c.name in best.spec.provenance["val_cases"]]
+    torch.manual_seed(123)
+    untrained = evaluate_cases(UNet(**best.spec.model), best.spec, val, torch.device("cpu"))
+    assert max(m["liver"]["dice"] or 0 for m in untrained.values()) < 0.3 < trained
+    assert (out / "curves.png").stat().st_size > 5000
+    split = json.loads((out / "split.json").read_text())
+    assert set(split["validation"]).isdisjoint(split["train"])
+
+
+def test_resume_continues_the_log_and_matches_an_uninterrupted_run(tiny_data, tmp_path):
+    cfg = dict(TINY, steps_per_epoch=4, val_every=1, patience=10)
+
+    def interrupt_after_epoch_2(msg):  # like Ctrl-C once epoch 2 is checkpointed
+        if msg.startswith("epoch 2:"):
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        fit(tiny_data / "train", tmp_path / "a", TrainConfig(**cfg, epochs=3), log=interrupt_after_epoch_2)
+    assert load_checkpoint(tmp_path / "a" / "last.pt").extra["epoch"] == 2
+    fit(tiny_data / "train", tmp_path / "a", TrainConfig(**cfg, epochs=3), resume=True, log=lambda *a: None)
+    fit(tiny_data / "train", tmp_path / "b", TrainConfig(**cfg, epochs=3), log=lambda *a: None)
+    assert [r["epoch"] for r in read_log(tmp_path / "a" / "metrics.jsonl")] == [1, 2, 3]
+    a, b = load_checkpoint(tmp_path / "a" / "last.pt"), load_checkpoint(tmp_path / "b" / "last.pt")
+    assert a.extra["epoch"] == b.extra["epoch"] == 3
+    for k in a.state_dict:
+        torch.testing.assert_close(a.state_dict[k], b.state_dict[k], rtol=1e-5, atol=1e-6)
+
+
+def test_checkpoint_spec_reproduces_training_preprocessing_without_torch(tiny_run, tiny_data, tmp_path):
+    """The runtime, given only the checkpoint's spec JSON and no torch, builds exactly the
+    model input that training fed the network for the same slice."""
+    from runtime.datasets import load_dataset
+    from train.data import SliceDataset, SliceSampler, index_cases
+
+    out, _ = tiny_run
+    ck = load_checkpoint(out / "best.pt")
+    (tmp_path / "spec.json").write_text(ck.spec.to_json())
+    case = load_dataset(tiny_data / "train")[0]
+    ds = SliceDataset([case], ck.spec.preprocess, SliceSampler(index_cases([case]), 0), 1, None, 0)
+    train_x, _ = ds.sample(0, 7)
+    code = (
+        "import sys; sys.modules['torch'] = None\n"
+        "import numpy as np\n"
+        "from runtime.spec import ModelSpec\nfrom runtime.io import read_volume\nfrom runtime.preprocess import make_batch\n"
+        f"spec = ModelSpec.from_json(open({str(tmp_path / 'spec.json')!r}).read())\n"
+        f"v = read_volume({str(case.image)!r})\n"
+        f"np.save({str(tmp_path / 'rt.npy')!r}, make_batch(v.data, v.spacing, spec.preprocess, 7, 8)[0])\n"
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    np.testing.assert_array_equal(np.load(tmp_path / "rt.npy"), train_x)
+
+
+def test_bad_inputs_are_one_line(tmp_path, tiny_data, capsys, monkeypatch):
+    (tmp_path / "empty").mkdir()
+    code, out = run_main(cli, ["fit", tmp_path / "empty", "--out", tmp_path / "o"], capsys, "seg-train")
+    assert code == 2 and "no labelled cases" in out
+    from runtime.phantoms import write_phantoms
+
+    write_phantoms(tmp_path / "one", 1, seed=1, size=64, slices=16, progress=False)
+    code, out = run_main(cli, ["fit", tmp_path / "one", "--out", tmp_path / "o", "--size", "64"], capsys, "seg-train")
+    assert code == 2 and "need at least 2 cases" in out
+    code, out = run_main(cli, ["fit", tiny_data / "train", "--out", tmp_path / "o2", "--size", "60"], capsys, "seg-train")
+    assert code == 1 or code == 2
+    assert "use 64x64" in out
+    (tmp_path / "bad.pt").write_bytes(b"PK\x03\x04 truncated zip")
+    code, out = run_main(cli, ["evaluate", tmp_path / "bad.pt", tiny_data / "heldout"], capsys, "seg-train")
+    assert code == 2 and "not a readable checkpoint" in out
+    assert not (tmp_path / "o").exists() or not any((tmp_path / "o").glob("*.pt"))
+
+
+def test_checkpoint_from_a_newer_spec_version_is_refused(tmp_path):
+    spec = TrainConfig(base_width=4, depth=2, size=32).spec({})
+    save_checkpoint(tmp_path / "c.pt", UNet(**spec.model), spec)
+    obj = torch.load(tmp_path / "c.pt", weights_only=True)
+    d = json.loads(obj["spec"])
+    d["schema_version"] = 99
+    obj["spec"] = json.dumps(d)
+    torch.save(obj, tmp_path / "c.pt")
+    with pytest.raises(SpecError, match="newer than this toolkit"):
+        load_checkpoint(tmp_path / "c.pt")
+    torch.save({"weights": torch.zeros(1)}, tmp_path / "other.pt")
+    with pytest.raises(InputError, match="not a seg-train checkpoint"):
+        load_checkpoint(tmp_path / "other.pt")
+
+
+def test_evaluate_writes_per_case_and_global_json(tiny_run, tiny_data, tmp_path, capsys):
+    out, _ = tiny_run
+    code, text = run_main(cli, ["evaluate", out / "best.pt", tiny_data / "heldout", "--out", tmp_path / "m.json"], capsys, "seg-train")
+    assert code == 0, text
+    assert "global (pooled)" in text and "volume-50" in text
+    m = json.loads((tmp_path / "m.json").read_text())
+    assert set(m["per_case"]) == {"volume-50", "volume-51"}
+    assert m["summary"]["liver"]["dice_global"] is not None

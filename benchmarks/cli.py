@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
 import click
 
 from runtime.cliutil import DEBUG_OPTION, run_cli
+from runtime.errors import InputError
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -18,6 +22,196 @@ def cli() -> None:
       seg-bench parity model.onnx model.fp16.onnx model.int8.onnx --data data/heldout
       seg-bench score predictions/ labels/
     """
+
+
+def _ints(text: str) -> list[int]:
+    try:
+        vals = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise click.BadParameter("give comma-separated integers, e.g. 1,2,4,8") from None
+    if not vals or min(vals) < 1:
+        raise click.BadParameter("batch sizes must be >= 1")
+    return vals
+
+
+def _volumes(volumes: Path | None, quick: bool, tmp: Path) -> list[str]:
+    from runtime.io import is_nifti
+
+    if volumes is None:
+        from runtime.io import write_nifti
+        from runtime.phantoms import make_phantom, phantom_images
+
+        img, _ = phantom_images(make_phantom(seed=4321, index=0, size=512, slices=40 if quick else 200))
+        write_nifti(img, tmp / "phantom.nii.gz")
+        return [str(tmp / "phantom.nii.gz")]
+    if volumes.is_file():
+        return [str(volumes)]
+    from runtime.datasets import discover
+
+    try:
+        cases, _ = discover(volumes, require_labels=False)
+        paths = [str(c.image) for c in cases]
+    except InputError:
+        paths = sorted(str(p) for p in volumes.iterdir() if is_nifti(p))
+    if not paths:
+        raise InputError(f"{volumes}: no NIfTI volumes found")
+    return paths[:1] if quick else paths
+
+
+@cli.command()
+@click.argument("models", nargs=-1, required=True)
+@click.option("--volumes", type=click.Path(path_type=Path), help="A volume or directory (default: a generated 200-slice 512x512 phantom).")
+@click.option("--batch", "batches", default="1,2,4,8,16", show_default=True, help="Batch sizes for the per-slice suite.")
+@click.option("--backend", type=click.Choice(["auto", "onnxruntime", "tensorrt"]), default="auto", show_default=True)
+@click.option("--threads", default=0, type=click.IntRange(0), help="Inference threads (0: all cores).")
+@click.option("--repeats", default=20, show_default=True, type=click.IntRange(1))
+@click.option("--warmup", default=3, show_default=True, type=click.IntRange(0))
+@click.option("--volume-repeats", default=3, show_default=True, type=click.IntRange(1), help="Whole-volume runs per model (median reported).")
+@click.option("--volume-batch", type=click.IntRange(1), default=None, help="Batch size for whole volumes (default: the backend's).")
+@click.option("--torch-checkpoint", type=click.Path(path_type=Path), help="Also time the seed-style PyTorch eager baseline on these weights.")
+@click.option("--quick", is_flag=True, help="A one-minute smoke run: one batch size, few repeats, a small volume.")
+@click.option("-o", "--out", "out_dir", type=click.Path(path_type=Path), default=Path("bench-latency"), show_default=True)
+def latency(models, volumes, batches, backend, threads, repeats, warmup, volume_repeats, volume_batch, torch_checkpoint, quick, out_dir) -> None:
+    """Per-slice latency (median, p90, p95, p99, min, max), throughput and GFLOP/s per batch
+    size, and whole-volume time with its stage split, for each model; JSON, Markdown, plot.
+
+    \b
+    Example:
+      seg-bench latency model.onnx model.fp16.onnx model.int8.cpu.onnx --volumes data/heldout \\
+          --torch-checkpoint runs/demo/best.pt -o reports/latency
+    """
+    import tempfile
+
+    from tqdm import tqdm
+
+    from .latency import run_worker
+    from .machine import matmul_peak_gflops
+    from .report import envelope, latency_markdown, latency_ratios, plot_latency, write_reports
+
+    bl = _ints(batches)
+    if quick:
+        bl, repeats, warmup, volume_repeats = bl[:1] if len(bl) == 1 else [4], 5, 1, 1
+    with tempfile.TemporaryDirectory() as tmp:
+        vols = _volumes(volumes, quick, Path(tmp))
+        jobs = [{"model": str(m), "volumes": vols, "batches": bl, "backend": backend, "threads": threads, "warmup": warmup,
+                 "repeats": repeats, "volume_repeats": volume_repeats, "vol_batch": volume_batch} for m in models]
+        if torch_checkpoint:
+            jobs.append({"kind": "torch", "checkpoint": str(torch_checkpoint), "volumes": vols, "warmup": warmup, "repeats": repeats, "threads": threads})
+        results = []
+        for job in tqdm(jobs, desc="models", unit="model", disable=not sys.stderr.isatty()):
+            results.append(run_worker(job))
+            r = results[-1]
+            click.echo(f"{Path(str(r['model'])).name}: " + (f"failed: {r['error']}" if "error" in r else "done"), err=True)
+    rep = envelope("latency", {"matmul_peak_gflops": matmul_peak_gflops(), "results": results, "volumes": [Path(v).name for v in vols]})
+    rep["ratios"] = latency_ratios(results)
+    md = latency_markdown(rep)
+    write_reports(out_dir, "latency", rep, md, [(lambda p: plot_latency(rep, p), "latency_vs_batch.png")])
+    click.echo(md)
+    click.echo(f"reports in {out_dir}")
+    if any("error" in r for r in results):
+        sys.exit(1)
+
+
+@cli.command()
+@click.argument("reference", type=click.Path(path_type=Path))
+@click.argument("models", nargs=-1, required=True)
+@click.option("--data", "data_dir", required=True, type=click.Path(path_type=Path), help="Labelled volumes (LiTS or Decathlon layout).")
+@click.option("--max-dice-drop", default=0.01, show_default=True, type=float)
+@click.option("--latency-report", type=click.Path(path_type=Path), help="latency.json from seg-bench latency, for the Dice-vs-latency chart.")
+@click.option("--quick", is_flag=True, help="Only the first case.")
+@click.option("-o", "--out", "out_dir", type=click.Path(path_type=Path), default=Path("bench-parity"), show_default=True)
+def parity(reference, models, data_dir, max_dice_drop, latency_report, quick, out_dir) -> None:
+    """Every model against the reference (an FP32 checkpoint or ONNX) on labelled volumes:
+    LiTS metrics vs ground truth, Dice vs the reference, argmax agreement, max logit
+    difference, pass/fail against the export gate; JSON, Markdown and plots.
+
+    \b
+    Example:
+      seg-bench parity model.onnx model.fp16.onnx model.int8.onnx --data data/heldout -o reports/parity
+    """
+    from tqdm import tqdm
+
+    from .parity import parity as run
+    from .report import (
+        envelope,
+        load_json,
+        parity_markdown,
+        plot_dice_bars,
+        plot_dice_vs_latency,
+        write_reports,
+    )
+
+    if quick:
+        import tempfile
+
+        from runtime.datasets import discover
+
+        cases, _ = discover(data_dir)
+        tmpdir = Path(tempfile.mkdtemp())
+        for p in (cases[0].image, cases[0].label):
+            (tmpdir / p.name).symlink_to(p.resolve())
+        data_dir = tmpdir
+    bar = tqdm(desc="parity", unit="slice", disable=not sys.stderr.isatty())
+    res = run(str(reference), [str(m) for m in models], str(data_dir), max_dice_drop, progress=bar.update)
+    bar.close()
+    for m, r in res["models"].items():
+        if not r.get("error"):
+            r["precision"] = _precision(m)
+    rep = envelope("parity", res)
+    plots = [(lambda p: plot_dice_bars(rep, p), "dice_per_case.png")]
+    if latency_report:
+        lat = load_json(latency_report)
+        plots.append((lambda p: plot_dice_vs_latency(rep, lat, p), "dice_vs_latency.png"))
+    md = parity_markdown(rep)
+    write_reports(out_dir, "parity", rep, md, plots)
+    click.echo(md)
+    click.echo(f"reports in {out_dir}")
+    if not all(r.get("pass") for r in res["models"].values()):
+        sys.exit(1)
+
+
+def _precision(model: str) -> str:
+    try:
+        import onnxruntime as ort
+
+        from runtime.spec import METADATA_KEY, ModelSpec
+
+        meta = ort.InferenceSession(model, providers=["CPUExecutionProvider"]).get_modelmeta().custom_metadata_map
+        spec = ModelSpec.from_json(meta[METADATA_KEY])
+        tgt = (spec.calibration or {}).get("target")
+        return spec.precision + (f" ({tgt})" if tgt else "")
+    except Exception:
+        return "?"
+
+
+@cli.command()
+@click.argument("pred_dir", type=click.Path(path_type=Path))
+@click.argument("label_dir", type=click.Path(path_type=Path))
+@click.option("-o", "--out", "out_dir", type=click.Path(path_type=Path), default=None, help="Write score.json and score.md here.")
+def score(pred_dir, label_dir, out_dir) -> None:
+    """The LiTS metric table (per case and global) for any predictions against labels,
+    matched by case name: '<name>_seg.nii.gz' and '<name>.nii.gz' match '<name>';
+    LiTS 'volume-K' / 'segmentation-K' match each other.
+
+    \b
+    Example:
+      seg-run data/heldout -o preds/ --model model.onnx && seg-bench score preds/ data/heldout
+    """
+    from runtime.metrics import format_table, markdown_table
+
+    from .parity import score as run
+    from .report import envelope, write_reports
+
+    res = run(pred_dir, label_dir)
+    if res["per_case"]:
+        click.echo(format_table(res["per_case"], res["summary"]))
+    for p in res["problems"]:
+        click.echo(f"skipped: {p}", err=True)
+    if out_dir:
+        md = markdown_table(res["per_case"], res["summary"]) if res["per_case"] else "(no matched cases)"
+        write_reports(out_dir, "score", envelope("score", res), md + "\n", [])
+    if res["problems"] or not res["per_case"]:
+        sys.exit(1)
 
 
 def main() -> None:

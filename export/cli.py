@@ -115,7 +115,7 @@ def build_engine(model: Path, out: Path, precision: str | None, calib_dir: Path 
     from runtime.models import file_sha256
 
     from .engine import build_engine as build
-    from .onnx_export import get_spec, load_onnx
+    from .onnx_export import check_graph_layout, get_spec, load_onnx
 
     validate_profile(min_batch, opt_batch, max_batch)
     if not out.parent.is_dir():
@@ -134,7 +134,9 @@ def build_engine(model: Path, out: Path, precision: str | None, calib_dir: Path 
             cases = _cases(calib_dir, "calibration")
             k = max(1, len(cases) // 4)
             src, _ = run(src, Path(tmp) / f"{precision}.onnx", precision, cases[:-k], cases[-k:], "tensorrt", echo=click.echo)
-        spec = get_spec(load_onnx(src))
+        graph = load_onnx(src)
+        spec = get_spec(graph)
+        check_graph_layout(graph, spec, str(src))
         side = build(src, out, spec, file_sha256(src), (min_batch, opt_batch, max_batch), workspace_mb, opt_level, timing_cache, verbose)
     mem = side.get("device_memory_bytes")
     click.echo(f"wrote {out} and {out}.json: TensorRT {side['tensorrt_version']} on {side['gpu']['name']}, "

@@ -61,6 +61,26 @@ def get_spec(model) -> ModelSpec:
     raise InputError("the ONNX model carries no spec (metadata_props has no model spec); export it with seg-export onnx")
 
 
+def check_graph_layout(model, spec: ModelSpec, where: str = "the model") -> None:
+    """The graph's input/output names and C, H, W must be what its spec says."""
+    def dims(vi):
+        return [d.dim_param or d.dim_value for d in vi.type.tensor_type.shape.dim]
+
+    ins, outs = list(model.graph.input), list(model.graph.output)
+    init = {t.name for t in model.graph.initializer}
+    ins = [i for i in ins if i.name not in init]
+    want = [spec.preprocess.channels, *spec.preprocess.size]
+    problems = []
+    if len(ins) != 1 or ins[0].name != spec.io.input_name:
+        problems.append(f"inputs {[i.name for i in ins]} (spec: ['{spec.io.input_name}'])")
+    elif dims(ins[0])[1:] != want:
+        problems.append(f"input C,H,W = {dims(ins[0])[1:]} (spec: {want})")
+    if not outs or outs[0].name != spec.io.output_name:
+        problems.append(f"outputs {[o.name for o in outs]} (spec: ['{spec.io.output_name}'])")
+    if problems:
+        raise InputError(f"{where}: input layout does not match its spec: " + "; ".join(problems) + "; re-export it with seg-export onnx")
+
+
 def load_onnx(path: str | Path):
     import onnx
 

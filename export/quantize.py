@@ -27,7 +27,7 @@ import numpy as np
 from runtime.errors import InputError, SegError
 from runtime.io import write_bytes_atomic
 
-from .onnx_export import get_spec, load_onnx, ort_session, set_spec
+from .onnx_export import check_graph_layout, get_spec, load_onnx, ort_session, set_spec
 
 MAX_DICE_DROP = 0.01  # per class, per case: the gate shared with seg-bench parity
 TARGETS = ("tensorrt", "cpu")
@@ -246,6 +246,7 @@ def quantize(model_path: str | Path, out: str | Path, precision: str, calib_case
     """Convert, check, evaluate against the FP32 model, gate, then write atomically."""
     model = load_onnx(model_path)
     spec = get_spec(model)
+    check_graph_layout(model, spec, str(model_path))
     if spec.precision != "fp32":
         raise InputError(f"{model_path}: is already {spec.precision}; quantize the FP32 model from seg-export onnx")
     fp32_bytes = model.SerializeToString()

@@ -53,6 +53,45 @@ def interp_matrix(n_in: int, spacing_in: float, n_out: int, spacing_out: float) 
 
 
 @dataclass(frozen=True)
+class Band:
+    """A banded interpolation matrix as (n_out, taps) source indices and weights.
+
+    Interpolation matrices have at most a few non-zeros per row (2 when upsampling), so
+    applying them as gathers is exact and several times cheaper than a dense product, and it
+    leaves the BLAS threads to the model.
+    """
+
+    idx: np.ndarray  # (n_out, taps) int
+    w: np.ndarray  # (n_out, taps) float32, zero where a row has fewer taps
+
+    @classmethod
+    def of(cls, m: np.ndarray) -> Band:
+        nz = m != 0
+        taps = max(1, int(nz.sum(axis=1).max()))
+        first = np.where(nz.any(axis=1), nz.argmax(axis=1), 0)
+        idx = np.clip(first[:, None] + np.arange(taps)[None, :], 0, m.shape[1] - 1)
+        w = np.take_along_axis(m, idx, axis=1)
+        # a clipped index repeats the last column: zero its weight so it is not counted twice
+        dup = (first[:, None] + np.arange(taps)[None, :]) > m.shape[1] - 1
+        w = np.where(dup, 0, w).astype(np.float32)
+        return cls(idx, w)
+
+    def rows(self, x: np.ndarray) -> np.ndarray:
+        """Apply along axis -2."""
+        out = x[..., self.idx[:, 0], :] * self.w[:, 0, None]
+        for t in range(1, self.idx.shape[1]):
+            out += x[..., self.idx[:, t], :] * self.w[:, t, None]
+        return out
+
+    def cols(self, x: np.ndarray) -> np.ndarray:
+        """Apply along axis -1."""
+        out = x[..., self.idx[:, 0]] * self.w[:, 0]
+        for t in range(1, self.idx.shape[1]):
+            out += x[..., self.idx[:, t]] * self.w[:, t]
+        return out
+
+
+@dataclass(frozen=True)
 class SliceGrid:
     """The mapping between a volume's in-plane grid and the model's input grid."""
 
@@ -61,6 +100,14 @@ class SliceGrid:
     rows_inv: np.ndarray  # (rows, model_rows)
     cols_inv: np.ndarray  # (cols, model_cols)
 
+    def forward(self, x: np.ndarray) -> np.ndarray:
+        """(..., rows, cols) -> (..., model_rows, model_cols)."""
+        return _apply(x, self.rows_fwd, self.cols_fwd)
+
+    def inverse(self, x: np.ndarray) -> np.ndarray:
+        """(..., model_rows, model_cols) -> (..., rows, cols)."""
+        return _apply(x, self.rows_inv, self.cols_inv)
+
     @property
     def in_shape(self) -> tuple[int, int]:
         return self.rows_inv.shape[0], self.cols_inv.shape[0]
@@ -68,6 +115,30 @@ class SliceGrid:
     @property
     def model_shape(self) -> tuple[int, int]:
         return self.rows_fwd.shape[0], self.cols_fwd.shape[0]
+
+
+_BANDS: dict[int, tuple[np.ndarray, Band]] = {}
+
+
+def _band(m: np.ndarray) -> Band:
+    """Banded form of an interpolation matrix, cached per matrix object (matrices are cached too)."""
+    hit = _BANDS.get(id(m))
+    if hit is None or hit[0] is not m:
+        if len(_BANDS) > 256:
+            _BANDS.clear()
+        hit = _BANDS[id(m)] = (m, Band.of(m))
+    return hit[1]
+
+
+def _apply(x: np.ndarray, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
+    """rows @ x @ cols.T over the last two axes, as banded gathers (dense products for wide bands)."""
+    br, bc = _band(rows), _band(cols)
+    if br.idx.shape[1] > 16 or bc.idx.shape[1] > 16:  # extreme downsampling: the dense product is cheaper
+        return resample(x, rows, cols)
+    x = np.asarray(x, dtype=np.float32)
+    if rows.shape[0] * x.shape[-1] <= cols.shape[0] * x.shape[-2]:
+        return bc.cols(br.rows(x))
+    return br.rows(bc.cols(x))
 
 
 def model_spacing(in_shape: tuple[int, int], in_spacing: tuple[float, float], pre: Preprocess) -> tuple[float, float]:
@@ -106,7 +177,7 @@ def resample(stack: np.ndarray, rows: np.ndarray, cols: np.ndarray) -> np.ndarra
 def to_model_grid(slices_hu: np.ndarray, grid: SliceGrid, pre: Preprocess) -> np.ndarray:
     """(n, rows, cols) HU -> (n, model_rows, model_cols) float32 in [0, 1]; padding is 0."""
     x = window(slices_hu, *pre.window)
-    return np.ascontiguousarray(resample(x, grid.rows_fwd, grid.cols_fwd), dtype=np.float32)
+    return np.ascontiguousarray(grid.forward(x), dtype=np.float32)
 
 
 def context_indices(indices: np.ndarray, num_slices: int, k: int) -> np.ndarray:
@@ -143,8 +214,7 @@ def labels_to_model_grid(labels: np.ndarray, grid: SliceGrid, num_classes: int) 
     onehot = (labels[:, None] == np.arange(num_classes, dtype=labels.dtype)[None, :, None, None]).astype(np.float32)
     # padding (all weights 0) must become background, so give background a tiny head start
     onehot[:, 0] += 1e-6
-    res = resample(onehot, grid.rows_fwd, grid.cols_fwd)
-    return res.argmax(axis=1).astype(np.uint8)
+    return grid.forward(onehot).argmax(axis=1).astype(np.uint8)
 
 
 def logits_to_labels(logits: np.ndarray, grid: SliceGrid, activation: str = "softmax") -> np.ndarray:
@@ -157,10 +227,9 @@ def logits_to_labels(logits: np.ndarray, grid: SliceGrid, activation: str = "sof
     """
     logits = np.asarray(logits, dtype=np.float32)
     if activation == "sigmoid":
-        up = resample(logits[:, 0], grid.rows_inv, grid.cols_inv)
-        return (up > 0).astype(np.uint8)
+        return (grid.inverse(logits[:, 0]) > 0).astype(np.uint8)
     diff = logits[:, 1:] - logits[:, :1]
-    up = resample(diff, grid.rows_inv, grid.cols_inv)  # (n, C-1, rows, cols)
+    up = grid.inverse(diff)  # (n, C-1, rows, cols)
     return argmax_with_background(up)
 
 

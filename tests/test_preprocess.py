@@ -125,3 +125,17 @@ def test_sigmoid_outputs_threshold_at_zero_logit():
     logit[0, 0, :8] = 3.0
     back = logits_to_labels(logit, grid, activation="sigmoid")[0]
     assert back[:7].all() and not back[9:].any()
+
+
+@pytest.mark.parametrize("grid", [(512, 0.7, 256, 1.5), (256, 1.5, 512, 0.7), (100, 3.0, 256, 1.5), (256, 1.5, 100, 3.0), (300, 0.8, 64, 6.0)])
+def test_banded_application_equals_the_matrix_product(grid, rng):
+    """The matrices are the definition; the fast banded gathers must compute exactly them."""
+    from runtime.preprocess import Band, resample
+
+    m = interp_matrix(*grid)
+    x = rng.standard_normal((2, grid[0], grid[0])).astype(np.float32)
+    band = Band.of(m)
+    np.testing.assert_allclose(band.rows(x), m @ x, atol=1e-5)
+    np.testing.assert_allclose(band.cols(x), x @ m.T, atol=1e-5)
+    g = slice_grid((grid[0], grid[0]), (grid[1], grid[1]), Preprocess(size=(grid[2], grid[2]), spacing_mm=grid[3]))
+    np.testing.assert_allclose(g.forward(x), resample(x, g.rows_fwd, g.cols_fwd), atol=1e-5)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import io
 import logging
 import warnings
@@ -14,6 +13,7 @@ import numpy as np
 
 from runtime.errors import InputError, SegError
 from runtime.io import write_bytes_atomic
+from runtime.models import file_sha256
 from runtime.spec import METADATA_KEY, ModelSpec
 
 OPSET = 18
@@ -35,14 +35,6 @@ class Verification:
 
     def as_dict(self) -> dict:
         return {"max_abs_diff": self.max_abs_diff, "logit_scale": self.logit_scale, "argmax_agreement": self.agreement, "slices": self.slices}
-
-
-def sha256_file(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def set_spec(model, spec: ModelSpec) -> None:
@@ -157,7 +149,7 @@ def export_onnx(checkpoint: str | Path, out: str | Path, verify_data: str | Path
     proto = program.model_proto
     proto.graph.input[0].type.tensor_type.shape.dim[0].dim_param = "batch"
     proto.graph.output[0].type.tensor_type.shape.dim[0].dim_param = "batch"
-    spec = spec.with_(precision="fp32", provenance={**spec.provenance, "checkpoint_sha256": sha256_file(checkpoint),
+    spec = spec.with_(precision="fp32", provenance={**spec.provenance, "checkpoint_sha256": file_sha256(checkpoint),
                                                       "exporter": f"torch {torch.__version__} dynamo, opset {opset}"})
     set_spec(proto, spec)
     proto.producer_name = "unet-edge"

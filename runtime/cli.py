@@ -134,10 +134,11 @@ def segment_files(paths: list[Path], backend, out_dir: Path, batch_size: int, sk
 @click.option("--batch-size", type=click.IntRange(1), default=None, help="Slices per batch (default: chosen per backend).")
 @click.option("--skip-existing", is_flag=True, help="Skip volumes whose mask and JSON already exist (resume a batch).")
 @click.option("--overlay", is_flag=True, help="Also write <name>_overlay.png with outlines on representative slices.")
+@click.option("--cuda-graph", is_flag=True, help="TensorRT: replay the steady-state batch as a CUDA graph.")
 @click.option("--no-postprocess", is_flag=True, help="Keep every predicted component (no largest-liver filter).")
 @click.option("--fill-holes", is_flag=True, help="Fill holes in the liver slice by slice.")
 @DEBUG_OPTION
-def cli(inputs, model, out_dir, demo, backend, provider, threads, batch_size, skip_existing, overlay, no_postprocess, fill_holes) -> None:
+def cli(inputs, model, out_dir, demo, backend, provider, threads, batch_size, skip_existing, overlay, cuda_graph, no_postprocess, fill_holes) -> None:
     """Segment liver and liver tumours in CT volumes (NIfTI), writing <name>_seg.nii.gz
     (uint8: 0 background, 1 liver, 2 tumour; the input's geometry) and <name>.json
     (volumes in mL, tumour count and burden, per-stage timings, backend, model hash).
@@ -161,9 +162,9 @@ def cli(inputs, model, out_dir, demo, backend, provider, threads, batch_size, sk
         model = demo_model_path()
         click.echo(f"note: no --model given; using the embedded demo model: {DEMO_NOTE}", err=True)
     check_output_dir(out_dir)
-    with open_backend(model, backend, provider, threads) as be:
+    with open_backend(model, backend, provider, threads, cuda_graph=cuda_graph) as be:
         bs = batch_size or be.default_batch
-        click.echo(f"backend: {be.describe()}, batch {bs}", err=True)
+        click.echo(f"backend: {be.describe()}, batch {bs} (--backend {backend} chose {be.name})", err=True)
         results = segment_files(paths, be, out_dir, bs, skip_existing, not no_postprocess, fill_holes, overlay)
     failed = [p for p, r in results.items() if isinstance(r, str)]
     if failed:

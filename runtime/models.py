@@ -30,7 +30,8 @@ def choose_backend(path: Path, backend: str = "auto") -> str:
     return "tensorrt" if path.suffix in (".plan", ".engine", ".trt") else "onnxruntime"
 
 
-def open_backend(path: str | Path, backend: str = "auto", provider: str = "auto", threads: int = 0, optimize: bool | None = None) -> Backend:
+def open_backend(path: str | Path, backend: str = "auto", provider: str = "auto", threads: int = 0, optimize: bool | None = None,
+                 cuda_graph: bool = False) -> Backend:
     """A backend (not yet activated) for a model file; TensorRT for plans, else ONNX Runtime."""
     p = Path(path)
     if not p.exists():
@@ -39,7 +40,7 @@ def open_backend(path: str | Path, backend: str = "auto", provider: str = "auto"
     if kind == "tensorrt":
         from .backends.tensorrt import TensorRTBackend
 
-        return TensorRTBackend(p)
+        return TensorRTBackend(p, cuda_graph=cuda_graph)
     if kind == "onnxruntime":
         from .backends.onnxrt import OnnxRuntimeBackend
 

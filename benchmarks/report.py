@@ -44,13 +44,16 @@ def latency_markdown(rep: dict) -> str:
             out.append(f"| {label(r)} | {row['batch']} | {_f(s['median'])} | {_f(s['p90'])} | {_f(s['p95'])} | {_f(s['p99'])} | "
                        f"{_f(s['min'])} | {_f(s['max'])} | {_f(row['throughput_slices_s'], 1)} | {_f(row['gflops'], 1)} | {_f(pct, 0)} |")
     out += ["", "## Whole volume, end to end", "",
-            "| model | volume | slices | batch | wall s (median) | ms/slice | read | preprocess | infer | postprocess | write | wall / infer | peak RSS MB |",
+            "Stage times are each stage's own work (stages overlap in threads, so they need not add up to the wall time). "
+            "'wall / backend alone' divides the wall time by slices x the median per-slice latency at the same batch size.", "",
+            "| model | volume | slices | batch | wall s (median) | ms/slice | read | preprocess | infer | postprocess | write | wall / backend alone | peak RSS MB |",
             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rep["results"]:
         for v in r.get("volumes", []):
             st = v.get("stages_s") or {}
             wall = v["wall_s"]["median"]
-            ratio = wall / st["infer"] if st.get("infer") else None
+            alone = next((row["per_slice_ms"]["median"] for row in r.get("rows", []) if row["batch"] == v["batch"]), None)
+            ratio = wall / (v["slices"] * alone / 1000) if alone else None
             out.append(f"| {label(r)} | {v['volume']} | {v['slices']} | {v['batch']} | {_f(wall)} | {_f(1000 * wall / v['slices'], 1)} | "
                        + " | ".join(_f(st.get(k)) for k in ("read", "preprocess", "infer", "postprocess", "write"))
                        + f" | {_f(ratio)} | {_f(r.get('peak_rss_mb'), 0)} |")

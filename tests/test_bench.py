@@ -76,8 +76,8 @@ def test_latency_report_forms(tmp_path):
     assert len(table) == 3 + 1  # three batch rows and one volume row
     # samples 41, 42, 43 ms: median 42, p90 42.8 (linear interpolation); 6 GFLOP / 42 ms = 142.9 GFLOP/s = 143% of 100
     assert "| a.onnx (onnxruntime, fp32) | 1 | 42.00 | 42.80 | 42.90 | 42.98 | 41.00 | 43.00 | 23.8 | 142.9 | 143 |" in md
-    # whole volume: 5.1 s median for 100 slices = 51 ms/slice; wall / infer = 5.1 / 4.4 = 1.16
-    assert "| v.nii.gz | 100 | 4 | 5.10 | 51.0 | 0.30 | 0.20 | 4.40 | 0.10 | 0.05 | 1.16 | 300 |" in md
+    # whole volume: 5.1 s median for 100 slices = 51 ms/slice; backend alone at batch 4: 100 x 45 ms = 4.5 s -> 1.13
+    assert "| v.nii.gz | 100 | 4 | 5.10 | 51.0 | 0.30 | 0.20 | 4.40 | 0.10 | 0.05 | 1.13 | 300 |" in md
     assert "failed: InputError" in md
     written = write_reports(tmp_path, "latency", LAT, md, [(lambda p: plot_latency(LAT, p), "latency.png")])
     assert json.loads((tmp_path / "latency.json").read_text())["results"][0]["rows"][0]["batch"] == 1

@@ -44,6 +44,10 @@ def test_a_tiny_model_learns_what_an_untrained_one_cannot(tiny_run, tiny_data):
     untrained = evaluate_cases(UNet(**best.spec.model), best.spec, val, torch.device("cpu"))
     assert max(m["liver"]["dice"] or 0 for m in untrained.values()) < 0.3 < trained
     assert (out / "curves.png").stat().st_size > 5000
+    # eval mode (running BatchNorm statistics) agrees with train mode (batch statistics) after the
+    # re-estimation on whole slices: a short run does not collapse in eval mode
+    assert all(r["bn_agree_after"] > 0.9 for r in log if r.get("bn_agree_after") is not None)
+    assert best.spec.provenance["val_score"] == pytest.approx(max(r["val_score"] for r in log))
     split = json.loads((out / "split.json").read_text())
     assert set(split["validation"]).isdisjoint(split["train"])
 
@@ -92,22 +96,69 @@ def test_checkpoint_spec_reproduces_training_preprocessing_without_torch(tiny_ru
     np.testing.assert_array_equal(np.load(tmp_path / "rt.npy"), train_x)
 
 
-def test_bad_inputs_are_one_line(tmp_path, tiny_data, capsys, monkeypatch):
+def _one_line_error(code, out, needle):
+    assert code == 2, out
+    lines = [line for line in out.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("seg-train: error:") and needle in lines[0], out
+
+
+def test_bad_inputs_are_one_line_and_write_nothing(tmp_path, tiny_data, capsys):
+    tiny = ["--size", "64", "--spacing-mm", "6", "--base-width", "4", "--workers", "0", "--crop", "0"]
+
+    def fit_cli(data, out, *extra):
+        return run_main(cli, ["fit", data, "--out", out, *tiny, *extra], capsys, "seg-train")
+
     (tmp_path / "empty").mkdir()
-    code, out = run_main(cli, ["fit", tmp_path / "empty", "--out", tmp_path / "o"], capsys, "seg-train")
-    assert code == 2 and "no labelled cases" in out
-    from runtime.phantoms import write_phantoms
+    _one_line_error(*fit_cli(tmp_path / "empty", tmp_path / "o1"), "no labelled cases")
+    from runtime.phantoms import make_phantom, write_phantoms
 
     write_phantoms(tmp_path / "one", 1, seed=1, size=64, slices=16, progress=False)
-    code, out = run_main(cli, ["fit", tmp_path / "one", "--out", tmp_path / "o", "--size", "64"], capsys, "seg-train")
-    assert code == 2 and "need at least 2 cases" in out
-    code, out = run_main(cli, ["fit", tiny_data / "train", "--out", tmp_path / "o2", "--size", "60"], capsys, "seg-train")
-    assert code == 1 or code == 2
-    assert "use 64x64" in out
+    _one_line_error(*fit_cli(tmp_path / "one", tmp_path / "o2"), "need at least 2 cases")
+    # mislabeled: a label volume with a class the toolkit does not know
+    write_phantoms(tmp_path / "mislabeled", 2, seed=1, size=64, slices=16, progress=False)
+    import nibabel as nib
+
+    ph = make_phantom(1, 1, size=64, slices=16)
+    lab = ph.labels.copy()
+    lab[0, 0, 0] = 7
+    nib.save(nib.Nifti1Image(lab, ph.affine), str(tmp_path / "mislabeled" / "segmentation-1.nii.gz"))
+    _one_line_error(*fit_cli(tmp_path / "mislabeled", tmp_path / "o3"), "not classes 0..2")
+    _one_line_error(*fit_cli(tiny_data / "train", tmp_path / "o4", "--size", "60"), "use 64x64")
+    _one_line_error(*fit_cli(tiny_data / "train", tmp_path / "o5", "--crop", "36"), "use 32x32")
+    (tmp_path / "afile").write_text("x")
+    _one_line_error(*fit_cli(tiny_data / "train", tmp_path / "afile" / "run"), "cannot write the run directory")
+    _one_line_error(*fit_cli(tiny_data / "train", tmp_path / "o6", "--resume"), "nothing to resume")
+    (tmp_path / "cfg.json").write_text('{"epochs": 2, "widht": 4}')
+    _one_line_error(*fit_cli(tiny_data / "train", tmp_path / "o7", "--config", tmp_path / "cfg.json"), "unknown config keys")
+    # nothing was written for any of them (the unwritable case never got a directory)
+    assert not any((tmp_path / f"o{i}").exists() for i in range(1, 8))
     (tmp_path / "bad.pt").write_bytes(b"PK\x03\x04 truncated zip")
-    code, out = run_main(cli, ["evaluate", tmp_path / "bad.pt", tiny_data / "heldout"], capsys, "seg-train")
-    assert code == 2 and "not a readable checkpoint" in out
-    assert not (tmp_path / "o").exists() or not any((tmp_path / "o").glob("*.pt"))
+    _one_line_error(*run_main(cli, ["evaluate", tmp_path / "bad.pt", tiny_data / "heldout"], capsys, "seg-train"),
+                    "not a readable checkpoint")
+    spec = TrainConfig(base_width=4, depth=2, size=32).spec({})
+    save_checkpoint(tmp_path / "new.pt", UNet(**spec.model), spec)
+    obj = torch.load(tmp_path / "new.pt", weights_only=True)
+    obj["spec"] = obj["spec"].replace('"schema_version": 1', '"schema_version": 99')
+    torch.save(obj, tmp_path / "new.pt")
+    _one_line_error(*run_main(cli, ["evaluate", tmp_path / "new.pt", tiny_data / "heldout", "--out", tmp_path / "m.json"],
+                              capsys, "seg-train"), "newer than this toolkit")
+    assert not (tmp_path / "m.json").exists()
+
+
+def test_cli_resume_with_more_epochs_continues_the_run(tiny_data, tmp_path, capsys):
+    """--epochs 2, then --epochs 3 --resume: epochs 1, 2, 3 once each; --config keys, flags override."""
+    (tmp_path / "cfg.json").write_text(json.dumps({**TINY, "base_width": 4, "epochs": 9, "steps_per_epoch": 2, "bn_slices": 16}))
+    args = ["fit", tiny_data / "train", "--out", tmp_path / "run", "--config", tmp_path / "cfg.json"]
+    code, out = run_main(cli, [*args, "--epochs", "2"], capsys, "seg-train")
+    assert code == 0, out
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["epochs"] == 2
+    _one_line_error(*run_main(cli, [*args, "--epochs", "3"], capsys, "seg-train"), "already holds a run")
+    code, out = run_main(cli, [*args, "--epochs", "3", "--resume"], capsys, "seg-train")
+    assert code == 0 and "resuming after epoch 2" in out, out
+    assert [r["epoch"] for r in read_log(tmp_path / "run" / "metrics.jsonl")] == [1, 2, 3]
+    last = load_checkpoint(tmp_path / "run" / "last.pt")
+    assert last.extra["epoch"] == 3 and last.spec.provenance["epochs"] == 3
+    assert set(last.extra["rng"]) >= {"torch", "numpy", "python"} and "optimizer" in last.extra
 
 
 def test_checkpoint_from_a_newer_spec_version_is_refused(tmp_path):

@@ -1,13 +1,69 @@
-"""Training options as one dataclass (torch-free, so the CLI's --help needs no torch)."""
+"""Training options as one dataclass (torch-free, so the CLI's --help needs no torch).
+
+The defaults are the demo edge model: base width 16, depth 4, batch norm, 256x256 input at
+1.5 mm, one context slice on each side (3 input channels), window (-200, 250) HU.
+"""
 
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass, fields
 from pathlib import Path
 
 from runtime.errors import InputError
 from runtime.spec import IOLayout, ModelSpec, Preprocess
+
+DEFAULT_WORKERS = min(2, os.cpu_count() or 1)
+
+# Options with a fixed set of values (the CLI turns these into click.Choice).
+CHOICES = {
+    "norm": ("batch", "instance", "group", "none"),
+    "mode": ("spacing", "resize"),
+    "schedule": ("cosine", "step"),
+    "device": ("auto", "cpu", "cuda", "mps"),
+}
+
+HELP = {
+    "base_width": "Channels of the first UNet level (doubles per level).",
+    "depth": "Number of down-sampling steps; the input size must be divisible by 2**depth.",
+    "norm": "Normalisation layer.",
+    "bilinear": "Bilinear up-sampling instead of transposed convolutions.",
+    "classes": "3: softmax over background/liver/tumour; 1: sigmoid liver-only model.",
+    "size": "Model input rows = cols (whole slices at inference).",
+    "spacing_mm": "In-plane spacing of the model grid (mode 'spacing').",
+    "mode": "'spacing': fixed mm/pixel, centre crop/pad; 'resize': stretch the slice.",
+    "context": "Neighbouring slices on each side: 2k+1 input channels.",
+    "window_low": "HU window lower bound.",
+    "window_high": "HU window upper bound.",
+    "batch_size": "Slices per step (per process under torchrun).",
+    "crop": "Train on random square crops of this size (0: whole slices); must be divisible by 2**depth.",
+    "lr": "Adam learning rate.",
+    "weight_decay": "Adam weight decay.",
+    "schedule": "Learning-rate decay after warm-up.",
+    "warmup_epochs": "Linear warm-up epochs.",
+    "epochs": "Epochs to train (an epoch is --steps-per-epoch steps).",
+    "steps_per_epoch": "Optimizer steps per epoch.",
+    "val_every": "Validate every N epochs (and after the last).",
+    "patience": "Early stopping: validations without improvement before stopping.",
+    "dice_weight": "Weight of the soft Dice term (cross-entropy has weight 1).",
+    "tumour_weight": "Cross-entropy class weight of tumour (background and liver: 1).",
+    "bn_slices": "Whole slices used to re-estimate BatchNorm statistics before each validation (0: off).",
+    "tumour_oversampling": "Fraction of sampled slices drawn from slices with tumour.",
+    "liver_oversampling": "Fraction of sampled slices drawn from slices with liver.",
+    "rotate_deg": "Augmentation: maximum rotation (degrees).",
+    "scale_range": "Augmentation: scaling in [1 - s, 1 + s].",
+    "shift": "Augmentation: maximum translation (fraction of the crop).",
+    "intensity": "Augmentation: gain jitter (+-) of the [0, 1] input; offset jitter is half of it.",
+    "noise": "Augmentation: maximum Gaussian noise std on the [0, 1] input.",
+    "val_fraction": "Fraction of cases held out for validation (split by case).",
+    "val_cases": "Number of validation cases (overrides --val-fraction when > 0).",
+    "seed": "Seed of the split, the slice draws, crops, augmentation and initial weights.",
+    "workers": "DataLoader worker processes (0: load in the main process).",
+    "cache_volumes": "Preprocessed volumes kept per worker (LRU); ~0.31 MB per slice at 256x256.",
+    "device": "auto picks cuda, then mps, then cpu.",
+    "threads": "torch CPU threads (0: cores / processes on this node).",
+}
 
 
 @dataclass
@@ -39,17 +95,53 @@ class TrainConfig:
     val_every: int = 1
     patience: int = 8
     dice_weight: float = 1.0
+    tumour_weight: float = 1.0
     bn_slices: int = 256  # whole slices for re-estimating BatchNorm statistics before validation
     tumour_oversampling: float = 1 / 3
     liver_oversampling: float = 1 / 3
+    # augmentation (no flips: the liver is on the patient's right)
+    rotate_deg: float = 12.0
+    scale_range: float = 0.15
+    shift: float = 0.05
+    intensity: float = 0.1
+    noise: float = 0.015
     # data
     val_fraction: float = 0.2
     val_cases: int = 0
     seed: int = 0
-    workers: int = 2
+    workers: int = DEFAULT_WORKERS
     cache_volumes: int = 64
     device: str = "auto"
     threads: int = 0
+
+    def validate(self) -> TrainConfig:
+        """Reject impossible combinations with one line that names the option."""
+        for name, allowed in CHOICES.items():
+            if getattr(self, name) not in allowed:
+                raise InputError(f"--{name.replace('_', '-')} must be one of {', '.join(allowed)}; got {getattr(self, name)!r}")
+        if self.classes not in (1, 3):
+            raise InputError(f"--classes must be 3 (background/liver/tumour) or 1 (liver only); got {self.classes}")
+        positive = ("base_width", "depth", "size", "batch_size", "epochs", "steps_per_epoch", "val_every", "patience")
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise InputError(f"--{name.replace('_', '-')} must be >= 1; got {getattr(self, name)}")
+        for name in ("crop", "warmup_epochs", "val_cases", "workers", "threads", "bn_slices", "context"):
+            if getattr(self, name) < 0:
+                raise InputError(f"--{name.replace('_', '-')} must be >= 0; got {getattr(self, name)}")
+        if self.cache_volumes < 1:
+            raise InputError(f"--cache-volumes must be >= 1; got {self.cache_volumes}")
+        if not (0 <= self.tumour_oversampling and 0 <= self.liver_oversampling
+                and self.tumour_oversampling + self.liver_oversampling <= 1):
+            raise InputError("--tumour-oversampling and --liver-oversampling must be >= 0 and sum to at most 1")
+        if not 0 < self.val_fraction < 1:
+            raise InputError(f"--val-fraction must be in (0, 1); got {self.val_fraction}")
+        if not self.window_low < self.window_high:
+            raise InputError(f"--window-low must be below --window-high; got {self.window_low}, {self.window_high}")
+        if self.lr <= 0 or self.weight_decay < 0:
+            raise InputError("--lr must be > 0 and --weight-decay >= 0")
+        if self.crop > self.size:
+            raise InputError(f"--crop {self.crop} is larger than the model input --size {self.size}")
+        return self
 
     def spec(self, provenance: dict) -> ModelSpec:
         pre = Preprocess(window=(self.window_low, self.window_high), mode=self.mode, spacing_mm=self.spacing_mm,
@@ -66,10 +158,14 @@ class TrainConfig:
 
     @classmethod
     def from_file(cls, path: str | Path) -> dict:
+        """Option values from a JSON object whose keys are option names (dashes or underscores)."""
         try:
             d = json.loads(Path(path).read_text())
-        except (OSError, json.JSONDecodeError) as exc:
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
             raise InputError(f"{path}: cannot read the config ({exc}); expected a JSON object of option names") from exc
+        if not isinstance(d, dict):
+            raise InputError(f"{path}: the config must be a JSON object of option names, got {type(d).__name__}")
+        d = {str(k).lstrip("-").replace("-", "_"): v for k, v in d.items()}
         names = {f.name for f in fields(cls)}
         unknown = set(d) - names
         if unknown:

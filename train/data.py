@@ -1,13 +1,17 @@
 """Training data: cases split by case, preprocessed once by the runtime's code, sampled by slice.
 
-Slices are drawn with oversampling of slices that contain liver and tumour. Each sample is
-the model input (2k+1 context channels on the model grid, exactly what the runtime feeds the
-network) and its labels on the same grid, optionally cropped around the structure it was
-drawn for. Augmentation happens on whole batches in ``augment``.
+Slices are drawn with oversampling of slices that contain liver and tumour (by default a
+third each of tumour slices, liver slices and any slice). Each sample is the model input
+(2k+1 context channels on the model grid, exactly what the runtime feeds the network: the
+volume goes through runtime.preprocess.to_model_grid and labels_to_model_grid once, and the
+context channels are gathered with context_indices) and its labels on the same grid,
+optionally cropped around the structure it was drawn for. Augmentation happens on whole
+batches in ``augment``; there is deliberately no left-right flip.
 
 Memory: preprocessed volumes are cached per DataLoader worker in an LRU of ``cache_volumes``
-entries; one entry is slices x (rows x cols x 5 bytes) (float32 image + uint8 labels), e.g.
-80 slices at 256x256 = 26 MB, so the bound is workers x cache_volumes x that.
+entries. At 256x256 one slice is 0.25 MB of float32 image plus 0.06 MB of uint8 labels, so a
+cached volume takes 0.31 MB per slice (e.g. 25 MB for 80 slices, 37 MB for 120), and the
+bound is workers x cache_volumes x that (64 volumes of 80 slices: 1.6 GB per worker).
 """
 
 from __future__ import annotations
@@ -175,11 +179,14 @@ def _crop(x: np.ndarray, y: np.ndarray, size: int, purpose: int, rng: np.random.
 
 
 def augment(x: torch.Tensor, y: torch.Tensor, gen: torch.Generator, rotate_deg: float = 12.0,
-            scale=(0.85, 1.15), shift: float = 0.05, intensity: float = 0.1, noise: float = 0.03):
+            scale=(0.85, 1.15), shift: float = 0.05, intensity: float = 0.1, noise: float = 0.015):
     """Batch augmentation: rotation, scaling, translation, intensity jitter and noise.
 
-    No left-right or front-back flips: the liver is on the patient's right and anterior, and
-    that position is information the model should use. Labels are resampled with nearest
+    No left-right (or front-back) flips: the liver lies on the patient's right (and
+    anterior), so a flipped slice is anatomy that does not occur, and the side is
+    information the model should use to tell liver from spleen. Noise is drawn per sample
+    with a std up to ``noise`` (on the [0, 1] windowed scale: 0.015 is ~7 HU at the default
+    window), kept small because CT noise already hides low-contrast tumours. Labels are resampled with nearest
     neighbour, images bilinearly; padding is 0 (air after windowing) and background.
     """
     n = x.shape[0]

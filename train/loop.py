@@ -8,6 +8,7 @@ import datetime
 import json
 import math
 import os
+import random
 import sys
 import time
 from dataclasses import asdict
@@ -40,27 +41,42 @@ from .data import (
 from .model import UNet
 
 
-def select_device(name: str) -> torch.device:
+def select_device(name: str, local_rank: int | None = None) -> torch.device:
+    """cuda > mps > cpu for "auto"; under torchrun each process takes cuda:LOCAL_RANK."""
     if name == "auto":
         if torch.cuda.is_available():
-            return torch.device("cuda")
-        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
+            name = "cuda"
+        elif getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+            name = "mps"
+        else:
+            name = "cpu"
     if name == "cuda" and not torch.cuda.is_available():
         raise InputError("--device cuda asked for, but torch sees no CUDA device; use --device auto")
+    if name == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise InputError("--device mps asked for, but this torch has no usable MPS device; use --device auto")
+    if name not in ("cpu", "cuda", "mps"):
+        raise InputError(f"--device must be auto, cpu, cuda or mps; got {name!r}")
+    if name == "cuda" and local_rank is not None:
+        torch.cuda.set_device(local_rank)
+        return torch.device("cuda", local_rank)
     return torch.device(name)
 
 
-def loss_fn(logits: torch.Tensor, target: torch.Tensor, dice_weight: float = 1.0) -> torch.Tensor:
-    """Cross-entropy + soft Dice over the foreground classes (sigmoid + BCE for one channel)."""
+def loss_fn(logits: torch.Tensor, target: torch.Tensor, dice_weight: float = 1.0,
+            class_weight: torch.Tensor | None = None) -> torch.Tensor:
+    """Cross-entropy + soft Dice over the foreground classes, per batch (sigmoid + BCE for one channel).
+
+    The Dice term is the mean over foreground classes of the soft Dice of the whole batch
+    (sums over samples and pixels), with +1 smoothing so an absent class costs nothing.
+    """
+    logits = logits.float()
     if logits.shape[1] == 1:
         t = (target >= 1).float()
         p = torch.sigmoid(logits[:, 0])
         ce = F.binary_cross_entropy_with_logits(logits[:, 0], t)
         inter, denom = (p * t).sum(), p.sum() + t.sum()
         return ce + dice_weight * (1 - (2 * inter + 1) / (denom + 1))
-    ce = F.cross_entropy(logits, target)
+    ce = F.cross_entropy(logits, target, weight=class_weight)
     prob = logits.softmax(1)
     onehot = F.one_hot(target, logits.shape[1]).permute(0, 3, 1, 2).float()
     dims = (0, 2, 3)
@@ -71,7 +87,11 @@ def loss_fn(logits: torch.Tensor, target: torch.Tensor, dice_weight: float = 1.0
 
 
 def lr_at(cfg: TrainConfig, epoch: float) -> float:
-    """Learning rate at a (fractional) epoch: linear warm-up, then cosine or step decay."""
+    """Learning rate at a (fractional) epoch: linear warm-up, then cosine or step decay.
+
+    A pure function of the epoch, so resuming needs no scheduler object; the checkpoint
+    records the schedule and the last rate for people reading it.
+    """
     if epoch < cfg.warmup_epochs:
         return cfg.lr * (epoch + 1e-3) / cfg.warmup_epochs
     if cfg.schedule == "cosine":
@@ -80,8 +100,10 @@ def lr_at(cfg: TrainConfig, epoch: float) -> float:
     return cfg.lr * (0.3 ** int(epoch // max(1, cfg.epochs // 3)))
 
 
-def evaluate_cases(model: torch.nn.Module, spec: ModelSpec, cases: list[Case], device: torch.device, batch: int = 16, progress: bool = False) -> dict:
-    """Eval-mode whole-volume metrics through runtime.inference.predict_labels (the runtime's path)."""
+def evaluate_cases(model: torch.nn.Module, spec: ModelSpec, cases: list[Case], device: torch.device, batch: int = 16,
+                   progress: bool = False, surface: bool = False) -> dict:
+    """Eval-mode whole-volume metrics through runtime.inference.predict_labels (the runtime's path),
+    then runtime.postprocess.postprocess, then runtime.metrics.case_metrics."""
     model.eval()
 
     @torch.inference_mode()
@@ -93,22 +115,59 @@ def evaluate_cases(model: torch.nn.Module, spec: ModelSpec, cases: list[Case], d
         vol = read_volume(c.image)
         ref = read_labels(c.label).data
         pred = postprocess(predict_labels(vol.data, vol.spacing, spec, infer, batch))
-        per_case[c.name] = case_metrics(pred, ref, vol.spacing, surface=False)
+        per_case[c.name] = case_metrics(pred, ref, vol.spacing, surface=surface)
     return per_case
 
 
-def recalibrate_bn(model: torch.nn.Module, ds: SliceDataset, items: list[tuple[int, int, int]], device: torch.device, batch: int = 16) -> int:
+def _bn_layers(model: torch.nn.Module) -> list[torch.nn.modules.batchnorm._BatchNorm]:
+    return [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+
+
+def _fg_dice(a: torch.Tensor, b: torch.Tensor) -> float | None:
+    a, b = a >= 1, b >= 1
+    total = int(a.sum() + b.sum())
+    return None if total == 0 else 2 * int((a & b).sum()) / total
+
+
+def _labels(logits: torch.Tensor) -> torch.Tensor:
+    return (logits[:, 0] > 0).long() if logits.shape[1] == 1 else logits.argmax(1)
+
+
+def recalibrate_bn(model: torch.nn.Module, ds: SliceDataset, items: list[tuple[int, int, int]], device: torch.device,
+                   batch: int = 16, recalibrate: bool = True) -> dict:
     """Recompute BatchNorm running statistics exactly on full-size, un-augmented slices.
 
     Training sees augmented crops, and the running averages lag weights that move quickly;
-    in a short run that can make eval mode collapse (Dice 0.96 at one epoch, 0.0 at the next,
-    seen on phantoms) although train mode still segments. Inference feeds whole slices, so the
-    statistics are re-estimated on whole slices with the current weights (a cumulative average,
-    momentum None), which makes the eval-mode validation Dice the number that counts.
+    in a short run that can make eval mode collapse although train mode (batch statistics)
+    still segments. Inference feeds whole slices, so the statistics are re-estimated on
+    whole slices with the current weights (a cumulative average, momentum None), which
+    makes the eval-mode validation Dice the number that counts.
+
+    Returns how well eval mode agrees with train mode on one batch of these slices (foreground
+    Dice between the two label maps), before and after: ``bn_agree_before`` far below 1 is
+    the collapse the recalibration repairs. With ``recalibrate=False`` only the check runs.
     """
-    bns = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    bns = _bn_layers(model)
     if not bns:
-        return 0
+        return {}
+    probe = [ds.sample(ci, s)[0] for ci, s, _ in items[:batch]]
+    if not probe:
+        return {}
+    saved = [(m.running_mean.clone(), m.running_var.clone(), m.num_batches_tracked.clone()) for m in bns]
+    x0 = torch.from_numpy(np.stack(probe)).to(device)
+    with torch.no_grad():
+        model.eval()
+        eval_before = _labels(model(x0))
+        model.train()
+        train_mode = _labels(model(x0))  # batch statistics; this also moves the running stats:
+        for m, (mean, var, n) in zip(bns, saved):  # put them back
+            m.running_mean.copy_(mean)
+            m.running_var.copy_(var)
+            m.num_batches_tracked.copy_(n)
+    report = {"bn_agree_before": _fg_dice(eval_before, train_mode)}
+    if not recalibrate:
+        model.eval()
+        return report
     momenta = [m.momentum for m in bns]
     for m in bns:
         m.reset_running_stats()
@@ -118,75 +177,127 @@ def recalibrate_bn(model: torch.nn.Module, ds: SliceDataset, items: list[tuple[i
         for i in range(0, len(items), batch):
             x = np.stack([ds.sample(ci, s)[0] for ci, s, _ in items[i:i + batch]])
             model(torch.from_numpy(x).to(device))
-    for m, mom in zip(bns, momenta):
-        m.momentum = mom
-    model.eval()
-    return len(items)
+        for m, mom in zip(bns, momenta):
+            m.momentum = mom
+        model.eval()
+        report["bn_agree_after"] = _fg_dice(_labels(model(x0)), train_mode)
+    return report
 
 
 def val_score(summary: dict) -> float:
-    """Early-stopping score: mean of the liver and tumour mean per-case Dice."""
-    vals = [summary[s]["dice_per_case_mean"] for s in ("liver", "tumor") if summary[s]["dice_per_case_mean"] is not None]
+    """Early-stopping score: mean of the liver and tumour mean per-case Dice (classes present)."""
+    vals = [summary[s]["dice_per_case_mean"] for s in ("liver", "tumor")
+            if s in summary and summary[s]["dice_per_case_mean"] is not None]
     return float(np.mean(vals)) if vals else 0.0
 
 
 def _rng_state() -> dict:
-    return {"torch": torch.get_rng_state()}
+    """RNG states of torch, numpy and python as tensors and plain values (weights_only-loadable)."""
+    _, keys, pos, has_gauss, cached = np.random.get_state()
+    version, state, gauss = random.getstate()
+    out = {"torch": torch.get_rng_state(),
+           "numpy": {"keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos), "has_gauss": int(has_gauss),
+                     "cached_gaussian": float(cached)},
+           "python": {"version": int(version), "state": torch.tensor(state, dtype=torch.int64), "gauss": gauss}}
+    if torch.cuda.is_available():
+        out["cuda"] = torch.cuda.get_rng_state_all()
+    return out
 
 
-def _dist() -> tuple[int, int]:
+def _set_rng_state(st: dict) -> None:
+    torch.set_rng_state(st["torch"])
+    if "numpy" in st:
+        n = st["numpy"]
+        np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached_gaussian"]))
+    if "python" in st:
+        p = st["python"]
+        random.setstate((p["version"], tuple(int(v) for v in p["state"].tolist()), p["gauss"]))
+    if "cuda" in st and torch.cuda.is_available() and len(st["cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(st["cuda"])
+
+
+def _dist() -> tuple[int, int, int | None]:
+    """(rank, world size, local rank); joins the process group torchrun describes in the environment."""
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         import torch.distributed as dist
 
         if not dist.is_initialized():
             dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
+        return dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0"))
+    return 0, 1, None
+
+
+def check_run_dir(out: Path, resume: bool) -> None:
+    """Fail before any training if the run directory cannot be written or would be clobbered."""
+    if out.exists() and not out.is_dir():
+        raise InputError(f"{out}: exists and is not a directory; choose another --out")
+    if not resume and (out / "last.pt").exists():
+        raise InputError(f"{out}: already holds a run (last.pt); add --resume to continue it or choose another --out")
+    if resume and not (out / "last.pt").exists():
+        raise InputError(f"{out / 'last.pt'}: nothing to resume; run without --resume first")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / f".write-test-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as exc:
+        raise InputError(f"{out}: cannot write the run directory ({exc.strerror or exc}); choose a writable --out") from exc
 
 
 def fit(data_dir: str | Path, out_dir: str | Path, cfg: TrainConfig, resume: bool = False, log=print) -> dict:
-    """Train; returns the final summary. Rank 0 writes every file."""
-    rank, world = _dist()
+    """Train; returns the final summary. Every input check runs before the first file is
+    written, and only rank 0 writes files."""
+    cfg.validate()
+    rank, world, local_rank = _dist()
     out = Path(out_dir)
     progress = sys.stderr.isatty() and rank == 0
-    if rank == 0:
-        try:
-            out.mkdir(parents=True, exist_ok=True)
-            probe = out / ".write-test"
-            probe.write_bytes(b"")
-            probe.unlink()
-        except OSError as exc:
-            raise InputError(f"{out}: cannot write the run directory ({exc.strerror}); choose a writable --out") from exc
     cases = load_dataset(data_dir)
     train_cases, val_cases = split_cases(cases, cfg.val_fraction, cfg.seed, cfg.val_cases or None)
-    device = select_device(cfg.device)
-    if cfg.threads:
+    device = select_device(cfg.device, local_rank)
+    if device.type == "cpu":  # share the cores between the processes of this node
+        local_world = int(os.environ.get("LOCAL_WORLD_SIZE", world))
+        torch.set_num_threads(cfg.threads or max(1, (os.cpu_count() or 1) // local_world))
+    elif cfg.threads:
         torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
+    np.random.seed(cfg.seed)
+    random.seed(cfg.seed)
 
-    provenance = {"dataset": Path(data_dir).name, "train_cases": [c.name for c in train_cases],
+    provenance = {"dataset": Path(data_dir).resolve().name, "train_cases": [c.name for c in train_cases],
                   "val_cases": [c.name for c in val_cases], "seed": cfg.seed, "torch": torch.__version__,
                   "config": asdict(cfg)}
     spec = cfg.spec(provenance)
     model = UNet(**spec.model)
-    model.check_input_size(cfg.size, cfg.size)
-    if cfg.crop:
-        model.check_input_size(cfg.crop, cfg.crop)
+    try:
+        model.check_input_size(cfg.size, cfg.size)
+        if cfg.crop:
+            model.check_input_size(cfg.crop, cfg.crop)
+    except ValueError as exc:
+        raise InputError(f"--size/--crop: {exc}") from None
+    index = index_cases(train_cases)
+    fractions = (cfg.tumour_oversampling, cfg.liver_oversampling, 1 - cfg.tumour_oversampling - cfg.liver_oversampling)
+    sampler = SliceSampler(index, cfg.seed, fractions)
+    if rank == 0:
+        check_run_dir(out, resume)
+    ck = load_checkpoint(out / "last.pt") if resume else None
+    if ck is not None and (ck.spec.model != spec.model or ck.spec.preprocess != spec.preprocess):
+        raise InputError(f"{out / 'last.pt'}: was trained with a different model or preprocessing; "
+                         "resume with the same options")
     model.to(device)
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    use_amp = device.type == "cuda"
+    scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
     start_epoch, best, stale = 0, -1.0, 0
-    if resume:
-        last = out / "last.pt"
-        if not last.exists():
-            raise InputError(f"{last}: nothing to resume; run without --resume first")
-        ck = load_checkpoint(last)
-        if ck.spec.model != spec.model or ck.spec.preprocess != spec.preprocess:
-            raise InputError(f"{last}: was trained with a different model or preprocessing; resume with the same options")
+    if ck is not None:
         model.load_state_dict(ck.state_dict)
         opt.load_state_dict(ck.extra["optimizer"])
+        if ck.extra.get("scaler"):
+            scaler.load_state_dict(ck.extra["scaler"])
         start_epoch, best, stale = int(ck.extra["epoch"]), float(ck.extra["best"]), int(ck.extra["stale"])
-        torch.set_rng_state(ck.extra["rng"]["torch"])
-        log(f"resuming after epoch {start_epoch} (best validation score {best:.4f})")
+        _set_rng_state(ck.extra["rng"])
+        if rank == 0:
+            _truncate_log(out / "metrics.jsonl", start_epoch)
+            log(f"resuming after epoch {start_epoch} (best validation score {best:.4f})")
     net = model
     if world > 1:
         net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
@@ -194,15 +305,14 @@ def fit(data_dir: str | Path, out_dir: str | Path, cfg: TrainConfig, resume: boo
         write_split(out / "split.json", train_cases, val_cases, cfg.seed)
         write_bytes_atomic(out / "config.json", json.dumps(asdict(cfg), indent=2).encode())
 
-    index = index_cases(train_cases)
-    sampler = SliceSampler(index, cfg.seed, (cfg.tumour_oversampling, cfg.liver_oversampling, 1 - cfg.tumour_oversampling - cfg.liver_oversampling))
     per_epoch = cfg.steps_per_epoch * cfg.batch_size
     ds = SliceDataset(train_cases, spec.preprocess, sampler, per_epoch, cfg.crop or None, cfg.seed, rank, world, cfg.cache_volumes)
     ep_sampler = EpochSampler(per_epoch)
     dl = torch.utils.data.DataLoader(ds, batch_size=cfg.batch_size, sampler=ep_sampler, num_workers=cfg.workers,
                                      persistent_workers=cfg.workers > 0, prefetch_factor=4 if cfg.workers else None)
-    use_amp = device.type == "cuda"
-    scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
+    class_weight = torch.tensor([1.0, 1.0, cfg.tumour_weight], device=device) if cfg.classes == 3 and cfg.tumour_weight != 1 else None
+    aug = dict(rotate_deg=cfg.rotate_deg, scale=(1 - cfg.scale_range, 1 + cfg.scale_range), shift=cfg.shift,
+               intensity=cfg.intensity, noise=cfg.noise)
     summary: dict = {}
     for epoch in range(start_epoch, cfg.epochs):
         t0 = time.perf_counter()
@@ -214,16 +324,18 @@ def fit(data_dir: str | Path, out_dir: str | Path, cfg: TrainConfig, resume: boo
         for step, (x, y) in enumerate(bar):
             for group in opt.param_groups:
                 group["lr"] = lr_at(cfg, epoch + step / max(1, len(dl)))
-            x, y = augment(x, y, gen)
+            x, y = augment(x, y, gen, **aug)
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
             with torch.autocast(device.type, enabled=use_amp):
-                loss = loss_fn(net(x), y, cfg.dice_weight)
+                logits = net(x)
+            loss = loss_fn(logits, y, cfg.dice_weight, class_weight)
             opt.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
             scaler.step(opt)
             scaler.update()
             losses.append(float(loss.detach()))
-            bar.set_postfix(loss=f"{np.mean(losses[-20:]):.3f}", slices_s=f"{(step + 1) * cfg.batch_size / (time.perf_counter() - t0):.1f}")
+            bar.set_postfix(loss=f"{np.mean(losses[-20:]):.3f}",
+                            slices_s=f"{(step + 1) * cfg.batch_size * world / (time.perf_counter() - t0):.1f}")
         train_loss = float(np.mean(losses))
         if world > 1:
             import torch.distributed as dist
@@ -232,22 +344,25 @@ def fit(data_dir: str | Path, out_dir: str | Path, cfg: TrainConfig, resume: boo
             dist.all_reduce(t)
             train_loss = float(t) / world
         train_time = time.perf_counter() - t0
-        record = {"epoch": epoch + 1, "train_loss": train_loss, "lr": opt.param_groups[0]["lr"], "train_s": round(train_time, 1)}
+        record = {"epoch": epoch + 1, "train_loss": train_loss, "lr": opt.param_groups[0]["lr"], "train_s": round(train_time, 1),
+                  "slices_per_s": round(per_epoch * world / train_time, 1)}
         stop = False
         if rank == 0 and ((epoch + 1) % cfg.val_every == 0 or epoch + 1 == cfg.epochs):
             tv = time.perf_counter()
-            bn_items = [(ci, s, 2) for ci, s, _ in SliceSampler(index, cfg.seed + 1, (0, 0, 1)).draw(10_000 + epoch, cfg.bn_slices)]
-            recalibrate_bn(model, ds, bn_items, device)
+            bn_items = [(ci, s, 2) for ci, s, _ in SliceSampler(index, cfg.seed + 1, (0, 0, 1)).draw(10_000 + epoch, max(cfg.bn_slices, 16))]
+            record.update(recalibrate_bn(model, ds, bn_items, device, recalibrate=cfg.bn_slices > 0))
             per_case = evaluate_cases(model, spec, val_cases, device, progress=progress)
             summary = summarize(per_case)
             score = val_score(summary)
-            record.update({"val_liver_dice": summary["liver"]["dice_per_case_mean"], "val_tumor_dice": summary["tumor"]["dice_per_case_mean"],
+            record.update({"val_liver_dice": summary["liver"]["dice_per_case_mean"],
+                           "val_tumor_dice": summary.get("tumor", {}).get("dice_per_case_mean"),
                            "val_score": score, "val_s": round(time.perf_counter() - tv, 1),
-                           "val_per_case": {k: {"liver": v["liver"]["dice"], "tumor": v["tumor"]["dice"]} for k, v in per_case.items()}})
+                           "val_per_case": {k: {s: v[s]["dice"] for s in ("liver", "tumor") if s in v} for k, v in per_case.items()}})
             if score > best:
                 best, stale = score, 0
                 final = spec.with_(provenance={**provenance, "epochs": epoch + 1, "val_liver_dice": record["val_liver_dice"],
-                                                "val_tumor_dice": record["val_tumor_dice"], "date": datetime.date.today().isoformat()})
+                                                "val_tumor_dice": record["val_tumor_dice"], "val_score": score,
+                                                "date": datetime.date.today().isoformat()})
                 save_checkpoint(out / "best.pt", model, final, epoch=epoch + 1, best=best)
             else:
                 stale += 1
@@ -259,13 +374,21 @@ def fit(data_dir: str | Path, out_dir: str | Path, cfg: TrainConfig, resume: boo
             dist.broadcast(flag, 0)
             stop = bool(flag)
         if rank == 0:
-            save_checkpoint(out / "last.pt", model, spec, optimizer=opt.state_dict(), epoch=epoch + 1, best=best,
-                            stale=stale, rng=_rng_state())
-            _append_jsonl(out / "metrics.jsonl", record)
+            record["time_s"] = round(time.perf_counter() - t0, 1)
+            _append_jsonl(out / "metrics.jsonl", record)  # before last.pt: a resume drops lines past its epoch
+            state = spec.with_(provenance={**provenance, "epochs": epoch + 1, "best_val_score": best,
+                                           "date": datetime.date.today().isoformat()})
+            save_checkpoint(out / "last.pt", model, state, optimizer=opt.state_dict(), scaler=scaler.state_dict(),
+                            scheduler={"kind": cfg.schedule, "warmup_epochs": cfg.warmup_epochs, "epochs": cfg.epochs,
+                                       "lr": float(opt.param_groups[0]["lr"])},
+                            epoch=epoch + 1, best=best, stale=stale, rng=_rng_state())
             _plot(out)
-            msg = f"epoch {epoch + 1}: loss {train_loss:.4f}, {train_time:.0f}s"
+            msg = f"epoch {epoch + 1}: loss {train_loss:.4f}, {train_time:.0f}s ({record['slices_per_s']} slices/s)"
             if "val_score" in record:
-                msg += f"; eval-mode val Dice liver {_f(record['val_liver_dice'])} tumour {_f(record['val_tumor_dice'])}"
+                msg += (f"; eval-mode val Dice liver {_f(record['val_liver_dice'])} tumour {_f(record['val_tumor_dice'])}"
+                        f" ({record['val_s']:.0f}s)")
+                if "bn_agree_before" in record:
+                    msg += f"; eval/train-mode agreement {_f(record['bn_agree_before'])} -> {_f(record.get('bn_agree_after'))}"
             log(msg)
         if stop:
             if rank == 0:
@@ -282,6 +405,13 @@ def _append_jsonl(path: Path, record: dict) -> None:
     """Append one line; rewrite atomically so an interrupted run never leaves half a line."""
     old = path.read_bytes() if path.exists() else b""
     write_bytes_atomic(path, old + (json.dumps(record) + "\n").encode())
+
+
+def _truncate_log(path: Path, epoch: int) -> None:
+    """Keep the lines of epochs <= epoch (those of an epoch whose last.pt was never written go)."""
+    if path.exists():
+        keep = [r for r in read_log(path) if r.get("epoch", 0) <= epoch]
+        write_bytes_atomic(path, "".join(json.dumps(r) + "\n" for r in keep).encode())
 
 
 def read_log(path: Path) -> list[dict]:

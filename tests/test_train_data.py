@@ -1,0 +1,120 @@
+"""seg-train pieces without a training run: split, sampling, crops, augmentation, loss, config."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from runtime.datasets import Case, load_dataset  # noqa: E402
+from runtime.errors import InputError  # noqa: E402
+from tests.conftest import TINY  # noqa: E402
+from train.config import TrainConfig  # noqa: E402
+from train.data import CaseIndex, SliceDataset, SliceSampler, augment, index_cases, split_cases  # noqa: E402
+from train.loop import loss_fn, lr_at  # noqa: E402
+
+
+def _cases(n):
+    return [Case(f"volume-{i}", None, None) for i in range(n)]  # paths unused by the split
+
+
+def test_split_is_by_case_seeded_and_needs_two_cases():
+    tr, va = split_cases(_cases(10), 0.2, seed=3)
+    assert len(va) == 2 and not {c.name for c in tr} & {c.name for c in va}
+    assert split_cases(_cases(10), 0.2, seed=3) == (tr, va)
+    assert split_cases(_cases(10), 0.2, seed=4) != (tr, va)
+    assert len(split_cases(_cases(10), 0.2, seed=3, val_cases=4)[1]) == 4
+    with pytest.raises(InputError, match="need at least 2 cases"):
+        split_cases(_cases(1), 0.2, seed=0)
+
+
+def _index():
+    liver = np.arange(10, 30)
+    return [CaseIndex("a", 40, liver, np.arange(15, 18)), CaseIndex("b", 40, liver, np.array([], int)),
+            CaseIndex("c", 40, np.array([], int), np.array([], int))]
+
+
+def test_sampler_oversamples_and_gives_ranks_disjoint_shares():
+    idx = _index()
+    s = SliceSampler(idx, seed=0, fractions=(1 / 3, 1 / 3, 1 / 3))
+    draw = s.draw(epoch=0, n=600)
+    tumour = np.mean([idx[ci].tumour.size and s_ in idx[ci].tumour for ci, s_, _ in draw])
+    liver = np.mean([s_ in idx[ci].liver for ci, s_, _ in draw])
+    assert 0.25 < tumour < 0.45  # 1/3 by design; tumour is 3 of 120 slices
+    assert liver > 0.6
+    assert draw == s.draw(epoch=0, n=600) and draw != s.draw(epoch=1, n=600)
+    r0, r1 = s.draw(0, 50, rank=0, world=2), s.draw(0, 50, rank=1, world=2)
+    assert len(r0) == len(r1) == 50
+    full = s.draw(0, 100)  # the one global draw the ranks share out
+    assert r0 == full[0::2] and r1 == full[1::2]
+
+
+def test_lru_cache_holds_at_most_its_bound_and_crops_find_the_tumour(tiny_data):
+    cases = load_dataset(tiny_data / "train")[:3]
+    cfg = TrainConfig(**TINY)
+    pre = cfg.spec({}).preprocess
+    index = index_cases(cases)
+    ds = SliceDataset(cases, pre, SliceSampler(index, 0, (1, 0, 0)), 24, 32, seed=0, cache_volumes=2)
+    for key in [(0, j) for j in range(24)]:
+        x, y = ds[key]
+        assert x.shape == (3, 32, 32) and y.shape == (32, 32) and x.dtype == torch.float32
+        assert len(ds._cache) <= 2
+    with_tumour = [ds[(0, j)][1] for j in range(24) if ds.items(0)[j][2] == 0]
+    assert with_tumour and np.mean([bool((y == 2).any()) for y in with_tumour]) > 0.8
+
+
+def test_augmentation_keeps_the_patients_right_on_the_right():
+    """No left-right flip: a structure on one side stays there (small rotations and shifts only)."""
+    x = torch.zeros(16, 3, 64, 64)
+    y = torch.zeros(16, 64, 64, dtype=torch.long)
+    x[:, :, 20:44, 40:60] = 0.6  # image columns 40-60: the "right" of this toy anatomy
+    y[:, 20:44, 40:60] = 1
+    y[:, 28:34, 48:54] = 2
+    xa, ya = augment(x, y, torch.Generator().manual_seed(0))
+    assert xa.shape == x.shape and ya.shape == y.shape and ya.dtype == torch.long
+    assert set(ya.unique().tolist()) <= {0, 1, 2}
+    cols = torch.arange(64).float()
+    centre = [(cols * (m >= 1).float().sum(0)).sum() / (m >= 1).sum() for m in ya]
+    assert min(centre) > 40  # the original centre is 49.5; a flip would put it at 13.5
+    assert not torch.equal(xa, x)
+
+
+def test_loss_prefers_correct_logits_for_softmax_and_sigmoid():
+    y = torch.zeros(2, 16, 16, dtype=torch.long)
+    y[:, 4:12, 4:12] = 1
+    y[:, 6:8, 6:8] = 2
+    good = torch.nn.functional.one_hot(y, 3).permute(0, 3, 1, 2).float() * 10
+    bad = torch.zeros_like(good)
+    assert loss_fn(good, y) < 0.05 < loss_fn(bad, y)
+    weighted = loss_fn(bad, y, class_weight=torch.tensor([1.0, 1.0, 5.0]))
+    assert torch.isfinite(weighted)
+    g1 = (y >= 1).float()[:, None] * 20 - 10
+    assert loss_fn(g1, y) < 0.05 < loss_fn(torch.zeros_like(g1), y)
+
+
+def test_lr_schedules_warm_up_and_decay():
+    cos = TrainConfig(lr=1e-3, warmup_epochs=1, epochs=10, schedule="cosine")
+    assert lr_at(cos, 0.0) < 1e-5 and lr_at(cos, 1.0) == pytest.approx(1e-3)
+    assert lr_at(cos, 9.99) < 0.05e-3
+    step = TrainConfig(lr=1e-3, warmup_epochs=0, epochs=9, schedule="step")
+    assert [lr_at(step, e) for e in (0, 3, 6)] == pytest.approx([1e-3, 3e-4, 9e-5])
+
+
+def test_config_file_keys_and_validation(tmp_path):
+    (tmp_path / "c.json").write_text(json.dumps({"base-width": 8, "epochs": 2}))
+    assert TrainConfig.from_file(tmp_path / "c.json") == {"base_width": 8, "epochs": 2}
+    (tmp_path / "bad.json").write_text(json.dumps({"widht": 8}))
+    with pytest.raises(InputError, match="unknown config keys"):
+        TrainConfig.from_file(tmp_path / "bad.json")
+    with pytest.raises(InputError, match="sum to at most 1"):
+        TrainConfig(tumour_oversampling=0.7, liver_oversampling=0.5).validate()
+    with pytest.raises(InputError, match="--schedule must be one of"):
+        TrainConfig(schedule="linear").validate()
+    spec = TrainConfig().validate().spec({})
+    assert spec.model == dict(in_channels=3, classes=3, base_width=16, depth=4, norm="batch", bilinear=False)
+    assert spec.preprocess.size == (256, 256) and spec.preprocess.spacing_mm == 1.5
+    assert spec.preprocess.window == (-200.0, 250.0) and spec.io.activation == "softmax"
+    assert TrainConfig(classes=1).spec({}).io.activation == "sigmoid"

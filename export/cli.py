@@ -57,9 +57,11 @@ def onnx_cmd(checkpoint: Path, out: Path, verify_data: Path | None, opset: int) 
 @click.option("--method", type=click.Choice(["minmax", "entropy", "percentile"]), default="minmax", show_default=True)
 @click.option("--calib-slices", default=64, show_default=True, type=click.IntRange(4))
 @click.option("--max-dice-drop", default=0.01, show_default=True, type=float, help="Refuse the model if any case loses more Dice (per class).")
+@click.option("--quantize-edges", is_flag=True, help="INT8: also quantize the first and the output convolution (by default "
+              "they stay float: about 1% of the FLOPs, and the most sensitive layers).")
 @click.option("-o", "--out", required=True, type=click.Path(path_type=Path))
 def quantize(model: Path, precision: str, calib_dir: Path | None, eval_data: Path | None, target: str, method: str,
-             calib_slices: int, max_dice_drop: float, out: Path) -> None:
+             calib_slices: int, max_dice_drop: float, quantize_edges: bool, out: Path) -> None:
     """Write an FP16 or calibrated INT8 (Q/DQ) graph, evaluated against the FP32 model on
     held-out volumes and refused if it loses more than --max-dice-drop Dice on any case.
 
@@ -82,7 +84,8 @@ def quantize(model: Path, precision: str, calib_dir: Path | None, eval_data: Pat
             raise InputError("give --eval-data DIR (held-out labelled cases), or --calib with at least 2 cases to split")
         k = max(1, len(calib) // 4)
         calib, evals = calib[:-k], calib[-k:]
-    path, parity = run(model, out, precision, calib, evals, target, method, calib_slices, max_dice_drop, echo=click.echo)
+    path, parity = run(model, out, precision, calib, evals, target, method, calib_slices, max_dice_drop, echo=click.echo,
+                       quantize_edges=quantize_edges)
     click.echo(f"wrote {path} ({precision}{'/' + target if precision == 'int8' else ''}); every case within {max_dice_drop} Dice of FP32")
 
 

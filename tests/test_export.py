@@ -66,6 +66,11 @@ def test_int8_tensorrt_graph_is_symmetric_per_channel_and_passes_the_gate(fp32, 
     assert weight_dq and all(next(a.i for a in n.attribute if a.name == "axis") == 0 for n in weight_dq)
     spec = ModelSpec.from_json(next(p.value for p in m.metadata_props if p.key == METADATA_KEY))
     assert spec.precision == "int8" and spec.calibration["target"] == "tensorrt" and len(spec.calibration["sha256"]) == 64
+    head = next(n for n in m.graph.node if n.output[0] == m.graph.output[0].name)
+    stem = next(n for n in m.graph.node if n.op_type == "Conv" and m.graph.input[0].name in n.input)
+    for conv in (head, stem):  # the first and the output convolution stay float
+        assert conv.input[1] in consts and consts[conv.input[1]].dtype == np.float32
+    assert spec.calibration["first_and_output_conv"] == "float"
     assert spec.parity["passed"] and spec.parity["evaluated_with_graph_optimizations"] is False
     assert parity.passed
 

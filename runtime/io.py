@@ -189,7 +189,9 @@ def mask_image(mask_canonical: np.ndarray, ref: Volume) -> nib.Nifti1Image:
     """A uint8 NIfTI image of a canonical mask in the reference's layout, affine and codes."""
     if tuple(mask_canonical.shape) != tuple(ref.data.shape):
         raise ValueError(f"mask shape {mask_canonical.shape} != canonical volume shape {ref.data.shape}")
-    arr = np.ascontiguousarray(ref.to_file_layout(mask_canonical.astype(np.uint8, copy=False)))
+    # Fortran order: NIfTI stores the first axis fastest, so the file-layout view of a C-order
+    # canonical (z, y, x) array usually needs no copy, and nibabel writes it without one
+    arr = np.asfortranarray(ref.to_file_layout(mask_canonical.astype(np.uint8, copy=False)))
     hdr = ref.header.copy()
     hdr.set_data_dtype(np.uint8)
     img = nib.Nifti1Image(arr, ref.affine, hdr) if isinstance(hdr, nib.Nifti1Header) else nib.Nifti2Image(arr, ref.affine, hdr)

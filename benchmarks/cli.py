@@ -102,7 +102,8 @@ def latency(models, volumes, batches, backend, threads, repeats, warmup, volume_
             results.append(run_worker(job))
             r = results[-1]
             click.echo(f"{Path(str(r['model'])).name}: " + (f"failed: {r['error']}" if "error" in r else "done"), err=True)
-    rep = envelope("latency", {"matmul_peak_gflops": matmul_peak_gflops(), "results": results, "volumes": [Path(v).name for v in vols]})
+    peak, rates = matmul_peak_gflops(threads=threads)
+    rep = envelope("latency", {"matmul_peak_gflops": peak, "matmul_gflops": rates, "results": results, "volumes": [Path(v).name for v in vols]})
     rep["ratios"] = latency_ratios(results)
     md = latency_markdown(rep)
     write_reports(out_dir, "latency", rep, md, [(lambda p: plot_latency(rep, p), "latency_vs_batch.png")])

@@ -29,8 +29,10 @@ def label(r: dict) -> str:
 # ---------------------------------------------------------------------------------- latency
 def latency_markdown(rep: dict) -> str:
     peak = rep.get("matmul_peak_gflops")
+    rates = ", ".join(f"{k} {_f(v, 1)}" for k, v in (rep.get("matmul_gflops") or {}).items())
     out = [f"# Latency on {rep['machine']['cpu']} ({rep['machine']['cores']} cores)", "",
-           f"Matrix-multiply peak (numpy float32, same threads): {_f(peak, 1)} GFLOP/s. "
+           f"Matrix-multiply peak (float32 2048x2048, best of the GEMMs at hand, same threads): {_f(peak, 1)} GFLOP/s"
+           + (f" ({rates})" if rates else "") + ". "
            "Per-slice latency = batch latency / batch size, over repeated runs after warm-up.", "",
            "| model | batch | median ms/slice | p90 | p95 | p99 | min | max | slices/s | GFLOP/s | % of matmul peak |",
            "|---|---|---|---|---|---|---|---|---|---|---|"]

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from runtime.preprocess import (
+    argmax_with_background,
     context_indices,
     interp_matrix,
     labels_to_model_grid,
@@ -139,3 +140,26 @@ def test_banded_application_equals_the_matrix_product(grid, rng):
     np.testing.assert_allclose(band.cols(x), x @ m.T, atol=1e-5)
     g = slice_grid((grid[0], grid[0]), (grid[1], grid[1]), Preprocess(size=(grid[2], grid[2]), spacing_mm=grid[3]))
     np.testing.assert_allclose(g.forward(x), resample(x, g.rows_fwd, g.cols_fwd), atol=1e-5)
+
+
+@pytest.mark.parametrize("shape,spacing,mode", [((512, 448), 0.8, "spacing"), ((128, 140), 3.0, "spacing"),
+                                                ((300, 300), 1.0, "resize"), ((64, 64), 10.0, "spacing")])
+@pytest.mark.parametrize("activation", ["softmax", "sigmoid"])
+def test_windowed_inverse_gives_the_same_labels_as_resampling_everything(shape, spacing, mode, activation):
+    """logits_to_labels resamples only around foreground; it must equal the full computation."""
+    pre = Preprocess(size=(64, 64), spacing_mm=2.0, context=0, mode=mode)
+    grid = slice_grid(shape, (spacing, spacing), pre)
+    rng = np.random.default_rng(3)
+    logits = rng.normal(0, 1, (5, 3, 64, 64)).astype(np.float32)
+    logits[:, 0] += 2.5  # background wins mostly ...
+    logits[1, 1, 20:40, 25:50] = 9.0  # ... but not in a few blobs
+    logits[1, 2, 28:34, 30:36] = 12.0
+    logits[3, 2, 56:, :8] = 9.0  # foreground touching the corner
+    logits[4, 0] = 10.0  # a slice with nothing
+    if activation == "sigmoid":
+        logits = logits[:, 1:2] - logits[:, :1]
+    scores = logits[:, :1] if activation == "sigmoid" else logits[:, 1:] - logits[:, :1]
+    expected = argmax_with_background(grid.inverse(scores))
+    got = logits_to_labels(logits, grid, activation)
+    assert got.any() and not got[4].any()
+    np.testing.assert_array_equal(got, expected)

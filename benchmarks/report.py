@@ -181,7 +181,9 @@ def plot_dice_vs_latency(parity_rep: dict, latency_rep: dict, path: Path) -> Pat
     plt = _plt()
     lat = {Path(r["model"]).name: min(row["per_slice_ms"]["median"] for row in r["rows"]) for r in latency_rep["results"] if "error" not in r and r["rows"]}
     fig, ax = plt.subplots(figsize=(6, 4))
-    for m, r in parity_rep["models"].items():
+    ref = parity_rep.get("reference") or {}
+    entries = ([(ref["model"], ref)] if ref.get("model") else []) + list(parity_rep["models"].items())
+    for m, r in entries:
         name = Path(m).name
         if r.get("error") or name not in lat or not r.get("summary"):
             continue

@@ -50,14 +50,23 @@ def fill_holes(mask: np.ndarray) -> np.ndarray:
 
 
 def postprocess(labels: np.ndarray, keep_largest: bool = True, holes: bool = False) -> np.ndarray:
-    """Largest connected liver region (label >= 1); tumour only inside it; optional hole filling."""
-    liver = labels >= 1
+    """Largest connected liver region (label >= 1); tumour only inside it; optional hole filling.
+
+    Works inside the bounding box of the foreground: outside it everything is background, and
+    a full-volume pass costs more than all the rest on a 512x512 volume.
+    """
+    box = _bbox(labels != 0)
+    out = np.zeros(labels.shape, np.uint8)
+    if box is None:
+        return out
+    sub = labels[box]
+    liver = sub >= 1
     if keep_largest:
         liver = largest_component(liver)
     if holes:
         liver = fill_holes(liver)
-    out = liver.astype(np.uint8)
-    out[liver & (labels == 2)] = 2
+    kept = liver.view(np.uint8)
+    out[box] = kept + (kept & (sub == 2))
     return out
 
 

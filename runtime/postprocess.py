@@ -11,14 +11,17 @@ from scipy import ndimage
 
 
 def _bbox(mask: np.ndarray) -> tuple[slice, ...] | None:
-    if not mask.any():
+    """Bounding box of a boolean mask; reduces over contiguous memory (rows of the first axis,
+    then a 2D projection), several times faster than ``any`` over other axis pairs."""
+    first = mask.reshape(mask.shape[0], -1).any(axis=1)
+    idx = np.flatnonzero(first)
+    if not len(idx):
         return None
-    box = []
-    for axis in range(mask.ndim):
-        other = tuple(a for a in range(mask.ndim) if a != axis)
-        idx = np.nonzero(mask.any(axis=other))[0]
-        box.append(slice(int(idx[0]), int(idx[-1]) + 1))
-    return tuple(box)
+    lead = slice(int(idx[0]), int(idx[-1]) + 1)
+    if mask.ndim == 1:
+        return (lead,)
+    rest = _bbox(mask[lead].any(axis=0))
+    return (lead, *rest)
 
 
 def largest_component(mask: np.ndarray, connectivity: int = 1) -> np.ndarray:
@@ -32,7 +35,7 @@ def largest_component(mask: np.ndarray, connectivity: int = 1) -> np.ndarray:
     if n <= 1:
         out[box] = sub
         return out
-    sizes = np.bincount(lab.ravel())
+    sizes = np.bincount(lab[sub])  # foreground voxels only: a fraction of the box
     sizes[0] = 0
     out[box] = lab == sizes.argmax()
     return out

@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 import click
+import numpy as np
 
 from .cliutil import DEBUG_OPTION, EXIT_FAILED, run_cli
 from .errors import InputError, SegError
@@ -52,9 +53,17 @@ def _bar(total: int, desc: str, unit: str, leave: bool = True):
 
 
 def segment_files(paths: list[Path], backend, out_dir: Path, batch_size: int, skip_existing: bool = False,
-                  postprocess: bool = True, holes: bool = False, overlay: bool = False, echo=click.echo) -> dict[Path, dict | str]:
+                  postprocess: bool = True, holes: bool = False, overlay: bool = False, echo=click.echo,
+                  probabilities: bool = False) -> dict[Path, dict | str]:
     """Segment each file; returns {path: report dict, or the error line}. One bad volume never stops the rest."""
-    from .io import case_name, intensity_warning, write_json_atomic, write_mask
+    from .io import (
+        case_name,
+        intensity_warning,
+        probability_image,
+        write_json_atomic,
+        write_mask,
+        write_nifti,
+    )
     from .models import file_sha256
     from .pipeline import Timings, read_ahead, segment_canonical
     from .postprocess import postprocess as post
@@ -88,7 +97,9 @@ def segment_files(paths: list[Path], backend, out_dir: Path, batch_size: int, sk
             if warning:
                 echo(f"warning: {p}: {warning}", err=True)
             bar = _bar(vol.num_slices, name, "slice", leave=False)
-            labels = segment_canonical(vol.data, vol.spacing, backend.spec, None, batch_size, t, progress=bar.update, backend=backend)
+            prob = np.empty((backend.spec.out_channels, *vol.data.shape), np.uint8) if probabilities else None
+            labels = segment_canonical(vol.data, vol.spacing, backend.spec, None, batch_size, t, progress=bar.update, backend=backend,
+                                       probabilities=prob)
             bar.close()
             s = time.perf_counter()
             if postprocess:
@@ -97,6 +108,9 @@ def segment_files(paths: list[Path], backend, out_dir: Path, batch_size: int, sk
             t.add("postprocess", time.perf_counter() - s)
             s = time.perf_counter()
             write_mask(labels, vol, mask_path)
+            prob_path = out_dir / f"{name}_prob.nii.gz" if prob is not None else None
+            if prob_path is not None:
+                write_nifti(probability_image(prob, vol), prob_path)
             t.add("write", time.perf_counter() - s)
             if overlay:
                 from .overlay import overlay_panel
@@ -104,7 +118,7 @@ def segment_files(paths: list[Path], backend, out_dir: Path, batch_size: int, sk
                 overlay_panel(vol.data, labels, out_dir / f"{name}_overlay.png")
             t.wall = time.perf_counter() - start + read_s
             report = {
-                "input": str(p), "mask": str(mask_path), **stats,
+                "input": str(p), "mask": str(mask_path), **({"probabilities": str(prob_path)} if prob_path else {}), **stats,
                 "slices": vol.num_slices, "shape": list(vol.shape), "spacing_mm": list(vol.spacing),
                 "timings_s": t.as_dict(), "backend": backend.name, "provider": backend.provider,
                 "precision": backend.precision, "batch_size": batch_size, "model": str(getattr(backend, "path", "")),
@@ -137,8 +151,11 @@ def segment_files(paths: list[Path], backend, out_dir: Path, batch_size: int, sk
 @click.option("--cuda-graph", is_flag=True, help="TensorRT: replay the steady-state batch as a CUDA graph.")
 @click.option("--no-postprocess", is_flag=True, help="Keep every predicted component (no largest-liver filter).")
 @click.option("--fill-holes", is_flag=True, help="Fill holes in the liver slice by slice.")
+@click.option("--probabilities", is_flag=True, help="Also write <name>_prob.nii.gz: per-class probabilities (4D, input geometry, "
+              "uint8 with scale 1/255; before postprocessing).")
 @DEBUG_OPTION
-def cli(inputs, model, out_dir, demo, backend, provider, threads, batch_size, skip_existing, overlay, cuda_graph, no_postprocess, fill_holes) -> None:
+def cli(inputs, model, out_dir, demo, backend, provider, threads, batch_size, skip_existing, overlay, cuda_graph, no_postprocess, fill_holes,
+        probabilities) -> None:
     """Segment liver and liver tumours in CT volumes (NIfTI), writing <name>_seg.nii.gz
     (uint8: 0 background, 1 liver, 2 tumour; the input's geometry) and <name>.json
     (volumes in mL, tumour count and burden, per-stage timings, backend, model hash).
@@ -165,7 +182,8 @@ def cli(inputs, model, out_dir, demo, backend, provider, threads, batch_size, sk
     with open_backend(model, backend, provider, threads, cuda_graph=cuda_graph) as be:
         bs = batch_size or be.default_batch
         click.echo(f"backend: {be.describe()}, batch {bs} (--backend {backend} chose {be.name})", err=True)
-        results = segment_files(paths, be, out_dir, bs, skip_existing, not no_postprocess, fill_holes, overlay)
+        results = segment_files(paths, be, out_dir, bs, skip_existing, not no_postprocess, fill_holes, overlay,
+                                probabilities=probabilities)
     failed = [p for p, r in results.items() if isinstance(r, str)]
     if failed:
         click.echo(f"{len(failed)} of {len(results)} volume(s) failed", err=True)

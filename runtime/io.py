@@ -192,6 +192,19 @@ def mask_image(mask_canonical: np.ndarray, ref: Volume) -> nib.Nifti1Image:
     # Fortran order: NIfTI stores the first axis fastest, so the file-layout view of a C-order
     # canonical (z, y, x) array usually needs no copy, and nibabel writes it without one
     arr = np.asfortranarray(ref.to_file_layout(mask_canonical.astype(np.uint8, copy=False)))
+    return _image_like(arr, ref, 1.0)
+
+
+def probability_image(prob_canonical: np.ndarray, ref: Volume) -> nib.Nifti1Image:
+    """A 4D (i, j, k, class) NIfTI of canonical (class, z, y, x) uint8 probabilities x 255, in
+    the reference's layout and affine; its scale slope 1/255 makes readers see [0, 1]."""
+    if tuple(prob_canonical.shape[1:]) != tuple(ref.data.shape):
+        raise ValueError(f"probability shape {prob_canonical.shape[1:]} != canonical volume shape {ref.data.shape}")
+    arr = np.stack([ref.to_file_layout(p) for p in prob_canonical], axis=-1)
+    return _image_like(np.asfortranarray(arr), ref, 1.0 / 255.0)
+
+
+def _image_like(arr: np.ndarray, ref: Volume, slope: float) -> nib.Nifti1Image:
     hdr = ref.header.copy()
     hdr.set_data_dtype(np.uint8)
     img = nib.Nifti1Image(arr, ref.affine, hdr) if isinstance(hdr, nib.Nifti1Header) else nib.Nifti2Image(arr, ref.affine, hdr)
@@ -199,7 +212,7 @@ def mask_image(mask_canonical: np.ndarray, ref: Volume) -> nib.Nifti1Image:
     sform, scode = ref.header.get_sform(coded=True)
     img.set_qform(qform if qform is not None else ref.affine, code=int(qcode or 0))
     img.set_sform(sform if sform is not None else ref.affine, code=int(scode or 0))
-    img.header.set_slope_inter(1.0, 0.0)
+    img.header.set_slope_inter(slope, 0.0)
     img.header["cal_min"], img.header["cal_max"] = 0, 0
     return img
 

@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from .io import Volume, read_volume
-from .preprocess import logits_to_labels, make_batch, slice_grid
+from .preprocess import logits_to_labels, logits_to_probabilities, make_batch, slice_grid
 from .spec import ModelSpec
 
 STAGES = ("read", "preprocess", "infer", "postprocess", "write")
@@ -56,12 +56,14 @@ class _Timer:
 def segment_canonical(
     volume: np.ndarray, spacing: tuple[float, float, float], spec: ModelSpec, infer: Callable[[np.ndarray], np.ndarray] | None,
     batch_size: int, timings: Timings | None = None, progress: Callable[[int], None] | None = None, queue_depth: int = 3,
-    backend=None,
+    backend=None, probabilities: np.ndarray | None = None,
 ) -> np.ndarray:
     """Canonical HU volume -> uint8 labels on the same grid, preprocessing in a producer thread.
 
     With a ``backend``, batches go through its submit/collect, keeping one batch in flight
     while the next is enqueued (double buffering on TensorRT); otherwise ``infer`` is called.
+    With ``probabilities`` (a (C, slices, rows, cols) uint8 array), it is filled with the
+    class probabilities x 255.
     """
     t = timings or Timings()
     pre = spec.preprocess
@@ -92,6 +94,8 @@ def segment_canonical(
             logits = collect(token)
         with _Timer(t, "postprocess"):
             out[start:start + count] = logits_to_labels(logits, grid, spec.io.activation)
+            if probabilities is not None:
+                probabilities[:, start:start + count] = logits_to_probabilities(logits, grid, spec.io.activation)
         t.slices += count
         if progress:
             progress(count)

@@ -76,6 +76,19 @@ def test_streaming_pipeline_equals_simple_batches(tmp_path, model):
     np.testing.assert_array_equal(streamed, simple)
 
 
+def test_probability_maps_have_the_input_geometry_and_agree_with_the_mask(tmp_path, model):
+    b = write_case(tmp_path / "b.nii.gz", layout_flip=True)
+    r = run(b, "--model", model, "-o", tmp_path / "out", "--no-postprocess", "--probabilities")
+    assert r.exit_code == 0, r.output
+    prob_img, mask_img, src = (nib.load(str(p)) for p in (tmp_path / "out" / "b_prob.nii.gz", tmp_path / "out" / "b_seg.nii.gz", b))
+    assert prob_img.shape == (*src.shape, 3) and np.allclose(prob_img.affine, src.affine)
+    prob, mask = prob_img.get_fdata(), np.asanyarray(mask_img.dataobj)
+    assert prob.min() >= 0 and prob.max() <= 1.0 + 1e-6
+    assert np.abs(prob.sum(axis=-1) - 1).max() <= 3 / 255 + 1e-6  # rounding of three uint8 channels
+    assert np.mean(prob.argmax(axis=-1) == mask) > 0.99  # the same logits, only rounding and ties differ
+    assert json.loads((tmp_path / "out" / "b.json").read_text())["probabilities"].endswith("b_prob.nii.gz")
+
+
 def test_batch_with_bad_files_reports_each_and_writes_the_good_ones(tmp_path, model, capsys):
     d = tmp_path / "in"
     d.mkdir()

@@ -200,8 +200,11 @@ def probability_image(prob_canonical: np.ndarray, ref: Volume) -> nib.Nifti1Imag
     the reference's layout and affine; its scale slope 1/255 makes readers see [0, 1]."""
     if tuple(prob_canonical.shape[1:]) != tuple(ref.data.shape):
         raise ValueError(f"probability shape {prob_canonical.shape[1:]} != canonical volume shape {ref.data.shape}")
-    arr = np.stack([ref.to_file_layout(p) for p in prob_canonical], axis=-1)
-    return _image_like(np.asfortranarray(arr), ref, 1.0 / 255.0)
+    layout = [ref.to_file_layout(p) for p in prob_canonical]  # views, no copies
+    arr = np.empty((*layout[0].shape, len(layout)), np.uint8, order="F")  # one copy, in NIfTI's order
+    for c, view in enumerate(layout):
+        arr[..., c] = view
+    return _image_like(arr, ref, 1.0 / 255.0)
 
 
 def _image_like(arr: np.ndarray, ref: Volume, slope: float) -> nib.Nifti1Image:

@@ -120,7 +120,9 @@ def read_array(img: nib.Nifti1Image, path: str | os.PathLike) -> np.ndarray:
     if min(shape[:3]) < 2:
         raise InputError(f"{path}: image shape {tuple(shape)} is a single slice; expected a 3D volume")
     try:
-        data = np.asanyarray(img.dataobj)
+        data = _read_gz_isal(img, path)
+        if data is None:
+            data = np.asanyarray(img.dataobj)
     except (OSError, EOFError, zlib.error, ValueError) as exc:
         raise InputError(f"{path}: voxel data is corrupt or truncated ({_reason(exc)}); re-export or re-download it") from exc
     if data.ndim == 4:
@@ -134,6 +136,46 @@ def read_array(img: nib.Nifti1Image, path: str | os.PathLike) -> np.ndarray:
     elif data.dtype.kind not in "iub":
         raise InputError(f"{path}: unsupported voxel type {data.dtype}")
     return data
+
+
+def _read_gz_isal(img: nib.Nifti1Image, path: str | os.PathLike) -> np.ndarray | None:
+    """Voxels of an unscaled .nii.gz inflated by ISA-L straight into the array, or None.
+
+    ISA-L (the ``isal`` package) inflates 2-3x faster than zlib, and reading into the final
+    array skips nibabel's intermediate buffer: on a 200x512x512 CT this is most of the
+    read time. None (nibabel reads it) when isal is missing or the file is not the plain
+    case: uncompressed, scaled, or not in Fortran order.
+    """
+    px = img.dataobj
+    if not str(path).endswith(".gz") or getattr(px, "order", None) != "F" or not hasattr(px, "offset"):
+        return None
+    if (px.slope, px.inter) not in ((1.0, 0.0), (None, None)) or px.dtype.kind not in "iuf":
+        return None
+    try:
+        from isal import igzip, isal_zlib
+    except ImportError:
+        return None
+    shape = tuple(int(n) for n in px.shape)
+    out = np.empty(shape, px.dtype, order="F")
+    buf = memoryview(out.reshape(-1, order="A")).cast("B")
+    try:
+        with igzip.open(path, "rb") as f:
+            skip = int(px.offset)
+            while skip:
+                chunk = f.read(min(skip, 1 << 20))
+                if not chunk:
+                    raise EOFError("file ends inside the header")
+                skip -= len(chunk)
+            got = 0
+            while got < len(buf):
+                n = f.readinto(buf[got:])
+                if not n:
+                    raise EOFError(f"expected {len(buf)} bytes of voxel data, file holds {got}")
+                got += n
+            f.read(1)  # reaches the end of the stream, so gzip's CRC and length are checked
+    except isal_zlib.error as exc:  # not an OSError, unlike zlib's
+        raise OSError(f"corrupt compressed data ({exc})") from exc
+    return out if out.dtype.isnative else out.astype(out.dtype.newbyteorder("="))
 
 
 def read_volume(path: str | os.PathLike) -> Volume:

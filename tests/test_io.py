@@ -159,3 +159,42 @@ def test_unwritable_or_missing_output_directory(tmp_path, monkeypatch):
     with pytest.raises(InputError, match="cannot write there.*writable output directory"):
         write_bytes_atomic(tmp_path / "a.bin", b"x")
     assert not (tmp_path / "a.bin").exists()
+
+
+@pytest.mark.parametrize("dtype", ["<i2", ">i2", "<f4", "u1"])
+def test_isal_fast_read_gives_what_nibabel_gives(tmp_path, ras_volume, dtype, monkeypatch):
+    pytest.importorskip("isal")
+    from runtime import io as rio
+
+    hdr = nib.Nifti1Header(endianness=dtype[0] if dtype[0] in "<>" else "<")
+    values = ras_volume if dtype != "u1" else (ras_volume % 3).astype(np.uint8)
+    img = nib.Nifti1Image(values.astype(dtype), RAS_AFFINE, hdr)
+    img.header.set_slope_inter(1.0, 0.0)
+    path = tmp_path / "v.nii.gz"
+    nib.save(img, str(path))
+    assert rio._read_gz_isal(nib.load(str(path)), path) is not None  # the fast path is the one taken
+    fast = read_volume(path).data
+    monkeypatch.setattr(rio, "_read_gz_isal", lambda img, path: None)
+    slow = read_volume(path).data
+    assert fast.dtype == slow.dtype and np.array_equal(fast, slow)
+
+
+def test_scaled_files_are_left_to_nibabel(tmp_path, ras_volume):
+    pytest.importorskip("isal")
+    from runtime import io as rio
+
+    img = nib.Nifti1Image(ras_volume, RAS_AFFINE)
+    img.header.set_slope_inter(2.0, -1024.0)
+    path = tmp_path / "scaled.nii.gz"
+    nib.save(img, str(path))
+    assert rio._read_gz_isal(nib.load(str(path)), path) is None
+    assert np.array_equal(read_volume(path).data, np.asanyarray(nib.load(str(path)).dataobj).astype(np.float32).transpose(2, 1, 0))
+
+
+def test_corrupt_compressed_voxels_give_one_line(tmp_path, ras_volume):
+    full = bytearray(save_nifti(tmp_path / "full.nii.gz", ras_volume, RAS_AFFINE).read_bytes())
+    mid = len(full) // 2
+    full[mid:mid + 64] = bytes(64)  # zeroed bytes inside the deflate stream
+    (tmp_path / "bad.nii.gz").write_bytes(bytes(full))
+    with pytest.raises(InputError, match="corrupt or truncated|cannot be read"):
+        read_volume(tmp_path / "bad.nii.gz")

@@ -56,6 +56,6 @@ def tiny_run(tiny_data, tmp_path_factory):
     from train.loop import fit
 
     out = tmp_path_factory.mktemp("run")
-    cfg = TrainConfig(**TINY, epochs=5, steps_per_epoch=20, val_every=1, patience=10, lr=3e-3)
+    cfg = TrainConfig(**TINY, epochs=6, steps_per_epoch=20, val_every=1, patience=10, lr=3e-3)
     fit(tiny_data / "train", out, cfg, log=lambda *a: None)
     return out, cfg

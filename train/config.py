@@ -48,6 +48,7 @@ HELP = {
     "patience": "Early stopping: validations without improvement before stopping.",
     "dice_weight": "Weight of the soft Dice term (cross-entropy has weight 1).",
     "tumour_weight": "Cross-entropy class weight of tumour (background and liver: 1).",
+    "ema": "Decay of an exponential moving average of the weights, validated and saved as best (0: off).",
     "bn_slices": "Whole slices used to re-estimate BatchNorm statistics before each validation (0: off).",
     "tumour_oversampling": "Fraction of sampled slices drawn from slices with tumour.",
     "liver_oversampling": "Fraction of sampled slices drawn from slices with liver.",
@@ -96,6 +97,7 @@ class TrainConfig:
     patience: int = 8
     dice_weight: float = 1.0
     tumour_weight: float = 1.0
+    ema: float = 0.998  # per step; with a warm-up, so short runs average over their own steps
     bn_slices: int = 256  # whole slices for re-estimating BatchNorm statistics before validation
     tumour_oversampling: float = 1 / 3
     liver_oversampling: float = 1 / 3
@@ -139,6 +141,8 @@ class TrainConfig:
             raise InputError(f"--window-low must be below --window-high; got {self.window_low}, {self.window_high}")
         if self.lr <= 0 or self.weight_decay < 0:
             raise InputError("--lr must be > 0 and --weight-decay >= 0")
+        if not 0 <= self.ema < 1:
+            raise InputError(f"--ema must be in [0, 1) (0: off); got {self.ema}")
         if self.crop > self.size:
             raise InputError(f"--crop {self.crop} is larger than the model input --size {self.size}")
         return self

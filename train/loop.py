@@ -100,6 +100,25 @@ def lr_at(cfg: TrainConfig, epoch: float) -> float:
     return cfg.lr * (0.3 ** int(epoch // max(1, cfg.epochs // 3)))
 
 
+def ema_model(model: torch.nn.Module, decay: float) -> torch.optim.swa_utils.AveragedModel | None:
+    """An exponential moving average of the weights (PyTorch's AveragedModel), or None for decay 0.
+
+    Adam at a useful learning rate moves the weights enough between steps that whole-volume
+    validation Dice swings from one epoch to the next; the average is what gets validated
+    and saved as ``best``. The effective decay warms up as min(decay, (1 + n) / (10 + n)),
+    so the average is not dominated by the initial weights in short runs. BatchNorm buffers
+    follow the live model and are re-estimated before validation (recalibrate_bn).
+    """
+    if not decay:
+        return None
+
+    def lerp(avg: list[torch.Tensor], cur: list[torch.Tensor], n: torch.Tensor) -> None:
+        n = float(n)
+        torch._foreach_lerp_(avg, cur, 1 - min(decay, (1 + n) / (10 + n)))
+
+    return torch.optim.swa_utils.AveragedModel(model, multi_avg_fn=lerp, use_buffers=False)
+
+
 def evaluate_cases(model: torch.nn.Module, spec: ModelSpec, cases: list[Case], device: torch.device, batch: int = 16,
                    progress: bool = False, surface: bool = False) -> dict:
     """Eval-mode whole-volume metrics through runtime.inference.predict_labels (the runtime's path),
@@ -288,8 +307,13 @@ def fit(data_dir: str | Path, out_dir: str | Path, cfg: TrainConfig, resume: boo
     use_amp = device.type == "cuda"
     scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
     start_epoch, best, stale = 0, -1.0, 0
+    ema = ema_model(model, cfg.ema)
     if ck is not None:
         model.load_state_dict(ck.state_dict)
+        if ema is not None:
+            if "ema" not in ck.extra:
+                raise InputError(f"{out / 'last.pt'}: was trained without --ema; resume with --ema 0")
+            ema.load_state_dict(ck.extra["ema"])
         opt.load_state_dict(ck.extra["optimizer"])
         if ck.extra.get("scaler"):
             scaler.load_state_dict(ck.extra["scaler"])
@@ -333,6 +357,8 @@ def fit(data_dir: str | Path, out_dir: str | Path, cfg: TrainConfig, resume: boo
             scaler.scale(loss).backward()
             scaler.step(opt)
             scaler.update()
+            if ema is not None:
+                ema.update_parameters(model)
             losses.append(float(loss.detach()))
             bar.set_postfix(loss=f"{np.mean(losses[-20:]):.3f}",
                             slices_s=f"{(step + 1) * cfg.batch_size * world / (time.perf_counter() - t0):.1f}")
@@ -350,8 +376,9 @@ def fit(data_dir: str | Path, out_dir: str | Path, cfg: TrainConfig, resume: boo
         if rank == 0 and ((epoch + 1) % cfg.val_every == 0 or epoch + 1 == cfg.epochs):
             tv = time.perf_counter()
             bn_items = [(ci, s, 2) for ci, s, _ in SliceSampler(index, cfg.seed + 1, (0, 0, 1)).draw(10_000 + epoch, max(cfg.bn_slices, 16))]
-            record.update(recalibrate_bn(model, ds, bn_items, device, recalibrate=cfg.bn_slices > 0))
-            per_case = evaluate_cases(model, spec, val_cases, device, progress=progress)
+            scored = model if ema is None else ema.module
+            record.update(recalibrate_bn(scored, ds, bn_items, device, recalibrate=cfg.bn_slices > 0))
+            per_case = evaluate_cases(scored, spec, val_cases, device, progress=progress)
             summary = summarize(per_case)
             score = val_score(summary)
             record.update({"val_liver_dice": summary["liver"]["dice_per_case_mean"],
@@ -363,7 +390,7 @@ def fit(data_dir: str | Path, out_dir: str | Path, cfg: TrainConfig, resume: boo
                 final = spec.with_(provenance={**provenance, "epochs": epoch + 1, "val_liver_dice": record["val_liver_dice"],
                                                 "val_tumor_dice": record["val_tumor_dice"], "val_score": score,
                                                 "date": datetime.date.today().isoformat()})
-                save_checkpoint(out / "best.pt", model, final, epoch=epoch + 1, best=best)
+                save_checkpoint(out / "best.pt", scored, final, epoch=epoch + 1, best=best)
             else:
                 stale += 1
             stop = stale >= cfg.patience
@@ -381,7 +408,8 @@ def fit(data_dir: str | Path, out_dir: str | Path, cfg: TrainConfig, resume: boo
             save_checkpoint(out / "last.pt", model, state, optimizer=opt.state_dict(), scaler=scaler.state_dict(),
                             scheduler={"kind": cfg.schedule, "warmup_epochs": cfg.warmup_epochs, "epochs": cfg.epochs,
                                        "lr": float(opt.param_groups[0]["lr"])},
-                            epoch=epoch + 1, best=best, stale=stale, rng=_rng_state())
+                            epoch=epoch + 1, best=best, stale=stale, rng=_rng_state(),
+                            **({"ema": {k: v.detach().cpu() for k, v in ema.state_dict().items()}} if ema is not None else {}))
             _plot(out)
             msg = f"epoch {epoch + 1}: loss {train_loss:.4f}, {train_time:.0f}s ({record['slices_per_s']} slices/s)"
             if "val_score" in record:
@@ -394,7 +422,7 @@ def fit(data_dir: str | Path, out_dir: str | Path, cfg: TrainConfig, resume: boo
             if rank == 0:
                 log(f"early stop: no validation improvement for {cfg.patience} validations")
             break
-    return {"best_score": best, "summary": summary, "model": model}
+    return {"best_score": best, "summary": summary, "model": model if ema is None else ema.module}
 
 
 def _f(v) -> str:

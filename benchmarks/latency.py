@@ -93,7 +93,7 @@ def measure_torch_baseline(checkpoint: str, volumes: list[str], warmup: int, rep
 
     from runtime.io import read_volume, write_mask
     from runtime.postprocess import postprocess
-    from runtime.preprocess import logits_to_labels, make_batch, slice_grid
+    from runtime.preprocess import SliceBatcher, logits_to_labels
     from train.checkpoint import load_checkpoint
 
     if threads:
@@ -116,10 +116,10 @@ def measure_torch_baseline(checkpoint: str, volumes: list[str], warmup: int, rep
                 for _ in range(max(1, repeats // 10)):
                     t0 = time.perf_counter()
                     vol = read_volume(v)
-                    grid = slice_grid(vol.data.shape[1:], vol.spacing[1:], spec.preprocess)
+                    batcher = SliceBatcher(vol.data, vol.spacing, spec.preprocess)  # each slice preprocessed once
                     labels = np.empty(vol.data.shape, np.uint8)
                     for k in range(vol.num_slices):
-                        labels[k] = logits_to_labels(infer(make_batch(vol.data, vol.spacing, spec.preprocess, k, k + 1, grid)), grid)[0]
+                        labels[k] = logits_to_labels(infer(batcher(k, k + 1)), batcher.grid)[0]
                     write_mask(postprocess(labels), vol, Path(tmp) / "mask.nii.gz")
                     walls.append(time.perf_counter() - t0)
                 out["volumes"].append({"volume": Path(v).name, "batch": 1, "slices": int(vol.num_slices), "wall_s": summarize(walls), "stages_s": None})

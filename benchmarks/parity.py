@@ -14,7 +14,7 @@ from runtime.errors import InputError, SegError
 from runtime.io import case_name, is_nifti, read_labels, read_volume
 from runtime.metrics import case_metrics, dice, summarize
 from runtime.postprocess import postprocess
-from runtime.preprocess import logits_to_labels, make_batch, slice_grid
+from runtime.preprocess import SliceBatcher, logits_to_labels, slice_grid
 
 MAX_DICE_DROP = 0.01  # the same per-class, per-case gate as seg-export quantize
 
@@ -83,9 +83,10 @@ def parity(reference: str, models: list[str], data_dir: str, max_drop: float = M
         ref_raw = np.empty(vol.data.shape, np.uint8)
         raws = {m: np.empty(vol.data.shape, np.uint8) for m in opened}
         maxdiff = dict.fromkeys(opened, 0.0)
+        batcher = SliceBatcher(vol.data, vol.spacing, ref_spec.preprocess, grid)
         for start in range(0, vol.num_slices, batch):
             stop = min(start + batch, vol.num_slices)
-            x = make_batch(vol.data, vol.spacing, ref_spec.preprocess, start, stop, grid)
+            x = batcher(start, stop)
             rl = ref_infer(x)
             ref_raw[start:stop] = logits_to_labels(rl, grid, ref_spec.io.activation)
             for m, (infer, spec, _) in opened.items():

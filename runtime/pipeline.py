@@ -1,6 +1,6 @@
 """The streaming whole-volume pipeline.
 
-Per volume: a producer thread preprocesses slice batches (runtime.preprocess.make_batch) into
+Per volume: a producer thread preprocesses slice batches (runtime.preprocess.SliceBatcher, each slice preprocessed once) into
 a bounded queue while the backend infers; each batch's logits are brought back to the scan's
 grid and argmax'ed straight into a preallocated uint8 mask, so peak memory is the volume,
 its mask and a few batches, never slices x classes x full-resolution logits. Across volumes,
@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from .io import Volume, read_volume
-from .preprocess import logits_to_labels, logits_to_probabilities, make_batch, slice_grid
+from .preprocess import SliceBatcher, logits_to_labels, logits_to_probabilities, slice_grid
 from .spec import ModelSpec
 
 STAGES = ("read", "preprocess", "infer", "postprocess", "write")
@@ -75,13 +75,15 @@ def segment_canonical(
     submit = backend.submit if backend is not None else infer
     collect = backend.collect if backend is not None else (lambda token: token)
 
+    batcher = SliceBatcher(volume, spacing, pre, grid)
+
     def produce() -> None:
         try:
             for start in range(0, n, batch_size):
                 if stop.is_set():
                     return
                 s = time.perf_counter()
-                batch = make_batch(volume, spacing, pre, start, min(start + batch_size, n), grid)
+                batch = batcher(start, min(start + batch_size, n))
                 t.add("preprocess", time.perf_counter() - s)
                 q.put((start, batch))
             q.put(None)

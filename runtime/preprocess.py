@@ -226,6 +226,37 @@ def make_batch(
     return prepped[idx]
 
 
+class SliceBatcher:
+    """make_batch for consecutive batches of one volume, preprocessing every slice once.
+
+    Context channels make neighbouring batches share 2k slices; make_batch alone would
+    window and resample those again for every batch (at batch size 1 and k = 1, three times
+    each slice). The batcher keeps the last 2k preprocessed slices for the next batch. The
+    batches are identical to make_batch's, in any order of requests.
+    """
+
+    def __init__(self, volume: np.ndarray, spacing: tuple[float, float, float], pre: Preprocess,
+                 grid: SliceGrid | None = None):
+        self.volume, self.pre = volume, pre
+        self.grid = grid or slice_grid(volume.shape[1:], spacing[1:], pre)
+        self._lo = 0
+        self._prepped = np.empty((0, *self.grid.model_shape), np.float32)
+
+    def __call__(self, start: int, stop: int) -> np.ndarray:
+        n_slices, k = self.volume.shape[0], self.pre.context
+        lo, hi = max(0, start - k), min(n_slices, stop + k)
+        have_lo, have_hi = self._lo, self._lo + len(self._prepped)
+        if have_lo <= lo < have_hi:
+            reuse = self._prepped[lo - have_lo:min(hi, have_hi) - have_lo]
+            rest = to_model_grid(self.volume[have_hi:hi], self.grid, self.pre) if hi > have_hi else reuse[:0]
+            prepped = np.concatenate([reuse, rest]) if len(rest) else reuse
+        else:
+            prepped = to_model_grid(self.volume[lo:hi], self.grid, self.pre)
+        self._lo, self._prepped = lo, prepped
+        idx = context_indices(np.arange(start, stop), n_slices, k) - lo
+        return prepped[idx]
+
+
 def preprocess_volume(volume: np.ndarray, spacing: tuple[float, float, float], pre: Preprocess) -> np.ndarray:
     """The whole volume as model input (slices, 2k+1, model_rows, model_cols)."""
     return make_batch(volume, spacing, pre, 0, volume.shape[0])

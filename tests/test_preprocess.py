@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from runtime.preprocess import (
+    SliceBatcher,
     argmax_with_background,
     context_indices,
     interp_matrix,
@@ -89,6 +90,12 @@ def test_batches_equal_the_whole_volume_and_are_deterministic(rng):
     parts = np.concatenate([make_batch(vol, (3.0, 1.1, 1.3), pre, s, min(s + 4, 11)) for s in range(0, 11, 4)])
     np.testing.assert_array_equal(whole, parts)
     np.testing.assert_array_equal(whole, preprocess_volume(vol.copy(), (3.0, 1.1, 1.3), pre))
+    for size in (1, 2, 4):  # the batcher carries neighbours over between batches: same batches
+        batcher = SliceBatcher(vol, (3.0, 1.1, 1.3), pre)
+        np.testing.assert_array_equal(whole, np.concatenate([batcher(s, min(s + size, 11)) for s in range(0, 11, size)]))
+    batcher = SliceBatcher(vol, (3.0, 1.1, 1.3), Preprocess(size=(32, 48), spacing_mm=2.0, context=2))
+    for s in (5, 6, 0, 9, 10, 3):  # out of order, too
+        np.testing.assert_array_equal(batcher(s, s + 1), make_batch(vol, (3.0, 1.1, 1.3), batcher.pre, s, s + 1))
 
 
 @pytest.mark.parametrize("in_spacing", [0.7, 2.5])
@@ -163,3 +170,16 @@ def test_windowed_inverse_gives_the_same_labels_as_resampling_everything(shape, 
     got = logits_to_labels(logits, grid, activation)
     assert got.any() and not got[4].any()
     np.testing.assert_array_equal(got, expected)
+
+
+def test_the_batcher_preprocesses_each_slice_once(rng, monkeypatch):
+    import runtime.preprocess as rp
+
+    vol = rng.integers(-1000, 1000, (9, 40, 40)).astype(np.int16)
+    seen = []
+    real = rp.to_model_grid
+    monkeypatch.setattr(rp, "to_model_grid", lambda x, grid, pre: seen.append(len(x)) or real(x, grid, pre))
+    batcher = SliceBatcher(vol, (2.0, 1.0, 1.0), Preprocess(size=(32, 32), spacing_mm=1.5, context=1))
+    for s in range(9):
+        batcher(s, s + 1)
+    assert sum(seen) == 9  # make_batch per slice would have done 3 x 9 - 2

@@ -60,14 +60,12 @@ def check_layout(session, spec: ModelSpec, path: str | Path) -> None:
 class OnnxRuntimeBackend(Backend):
     name = "onnxruntime"
 
-    def __init__(self, path: str | Path, provider: str = "auto", threads: int = 0, optimize: bool = True,
-                 spin: bool = True):
+    def __init__(self, path: str | Path, provider: str = "auto", threads: int = 0, optimize: bool = True):
         super().__init__()
         self.path = Path(path)
         self.requested = provider
         self.threads = threads
         self.optimize = optimize
-        self.spin = spin
         self.session = None
 
     def activate_impl(self) -> None:
@@ -89,8 +87,6 @@ class OnnxRuntimeBackend(Backend):
         if self.threads:
             so.intra_op_num_threads = self.threads
             so.inter_op_num_threads = 1
-        if not self.spin:  # idle intra-op threads sleep instead of busy-waiting, leaving the cores to host stages
-            so.add_session_config_entry("session.intra_op.allow_spinning", "0")
         providers = [PROVIDERS[provider]] + (["CPUExecutionProvider"] if provider != "cpu" else [])
         try:
             self.session = ort.InferenceSession(str(self.path), so, providers=providers)

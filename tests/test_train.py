@@ -184,3 +184,19 @@ def test_evaluate_writes_per_case_and_global_json(tiny_run, tiny_data, tmp_path,
     m = json.loads((tmp_path / "m.json").read_text())
     assert set(m["per_case"]) == {"volume-50", "volume-51"}
     assert m["summary"]["liver"]["dice_global"] is not None
+
+
+def test_weight_ema_warms_up_then_averages():
+    from train.loop import ema_model
+
+    net = torch.nn.Linear(2, 1, bias=False)
+    assert ema_model(net, 0.0) is None
+    ema = ema_model(net, 0.99)
+    w0 = net.weight.detach().clone()
+    ema.update_parameters(net)  # the first update copies
+    with torch.no_grad():
+        net.weight.add_(1.0)
+    ema.update_parameters(net)  # decay min(0.99, (1 + 1) / (10 + 1)) while warming up
+    d = 2 / 11
+    assert torch.allclose(ema.module.weight, d * w0 + (1 - d) * (w0 + 1))
+    assert not torch.allclose(ema.module.weight, net.weight)

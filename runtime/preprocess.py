@@ -217,20 +217,14 @@ def make_batch(
     ``volume`` is canonical (slices, rows, cols) in HU; each slice is preprocessed once and
     the context channels are gathered from the preprocessed neighbours.
     """
-    n_slices = volume.shape[0]
-    grid = grid or slice_grid(volume.shape[1:], spacing[1:], pre)
-    k = pre.context
-    lo, hi = max(0, start - k), min(n_slices, stop + k)
-    prepped = to_model_grid(volume[lo:hi], grid, pre)
-    idx = context_indices(np.arange(start, stop), n_slices, k) - lo
-    return prepped[idx]
+    return SliceBatcher(volume, spacing, pre, grid)(start, stop)
 
 
 class SliceBatcher:
-    """make_batch for consecutive batches of one volume, preprocessing every slice once.
+    """Model inputs for consecutive batches of one volume, preprocessing every slice once.
 
-    Context channels make neighbouring batches share 2k slices; make_batch alone would
-    window and resample those again for every batch (at batch size 1 and k = 1, three times
+    Context channels make neighbouring batches share 2k slices; a fresh batcher per batch
+    (make_batch) would window and resample those again for every batch (at batch size 1 and k = 1, three times
     each slice). The batcher keeps the last 2k preprocessed slices for the next batch. The
     batches are identical to make_batch's, in any order of requests.
     """

@@ -103,7 +103,7 @@ def segment_files(paths: list[Path], backend, out_dir: Path, batch_size: int, sk
             bar.close()
             s = time.perf_counter()
             if postprocess:
-                labels = post(labels, holes=holes)
+                labels = post(labels, holes=holes, inplace=True)
             stats = volume_stats(labels, vol.spacing)
             t.add("postprocess", time.perf_counter() - s)
             s = time.perf_counter()

@@ -217,8 +217,9 @@ def read_labels(path: str | os.PathLike, num_classes: int = 3) -> Volume:
 
 def intensity_warning(data: np.ndarray) -> str | None:
     """A warning when a volume does not look like CT in Hounsfield units (e.g. MR or normalised)."""
-    sample = data[:: max(1, data.shape[0] // 16)]
-    lo, hi = float(np.percentile(sample, 1)), float(np.percentile(sample, 99))
+    # every 16th slice and every 4th voxel in-plane: a quarter million voxels of a CT, plenty for a percentile
+    sample = data[:: max(1, data.shape[0] // 16), ::4, ::4]
+    lo, hi = (float(v) for v in np.percentile(sample, [1, 99]))
     if lo > -500 or hi < 0 or hi > 4000:
         return (
             f"intensities span {lo:.0f}..{hi:.0f} (1st-99th percentile), not the -1000..+1000 HU of CT; "
@@ -270,9 +271,13 @@ def write_mask(mask_canonical: np.ndarray, ref: Volume, path: str | os.PathLike)
 def nifti_bytes(img: nib.Nifti1Image, path: str | os.PathLike) -> bytes:
     """Serialise an image as .nii or deterministic .nii.gz (no timestamp in the gzip header)."""
     raw = img.to_bytes()
-    if str(path).endswith(".gz"):
+    if not str(path).endswith(".gz"):
+        return raw
+    try:  # ISA-L deflates a 200x512x512 mask ~10x faster than zlib, and smaller
+        from isal import igzip
+    except ImportError:
         return gzip.compress(raw, compresslevel=GZIP_LEVEL, mtime=0)
-    return raw
+    return igzip.compress(raw, compresslevel=GZIP_LEVEL, mtime=0)
 
 
 def write_nifti(img: nib.Nifti1Image, path: str | os.PathLike) -> Path:

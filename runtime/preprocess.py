@@ -11,7 +11,7 @@ ONNX graph as MatMul constants.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import cached_property, lru_cache
 
 import numpy as np
 
@@ -112,6 +112,11 @@ class SliceGrid:
         """(..., model_rows, model_cols) -> (..., rows, cols)."""
         return _apply(x, self.rows_inv, self.cols_inv)
 
+    @cached_property
+    def coverage(self) -> np.ndarray:
+        """(model_rows, model_cols) total interpolation weight per model pixel: 1 inside the scan, 0 in padding."""
+        return np.outer(self.rows_fwd.sum(axis=1), self.cols_fwd.sum(axis=1)).astype(np.float32)
+
     @property
     def in_shape(self) -> tuple[int, int]:
         return self.rows_inv.shape[0], self.cols_inv.shape[0]
@@ -197,9 +202,18 @@ def resample(stack: np.ndarray, rows: np.ndarray, cols: np.ndarray) -> np.ndarra
 
 
 def to_model_grid(slices_hu: np.ndarray, grid: SliceGrid, pre: Preprocess) -> np.ndarray:
-    """(n, rows, cols) HU -> (n, model_rows, model_cols) float32 in [0, 1]; padding is 0."""
-    x = window(slices_hu, *pre.window)
-    return np.ascontiguousarray(grid.forward(x), dtype=np.float32)
+    """(n, rows, cols) HU -> (n, model_rows, model_cols) float32 in [0, 1]; padding is 0.
+
+    The same as resampling ``window(slices_hu)``, but only the clip runs at the scan's full
+    resolution: the window's shift and scale are affine and resampling is linear, so they move
+    to the model grid, where a pixel's shift is weighted by its coverage (0 for padding).
+    """
+    lo, hi = pre.window
+    x = np.clip(slices_hu, np.float32(lo), np.float32(hi), dtype=np.float32)
+    y = np.ascontiguousarray(grid.forward(x), dtype=np.float32)
+    y -= np.float32(lo) * grid.coverage
+    y *= np.float32(1.0 / (hi - lo))
+    return y
 
 
 def context_indices(indices: np.ndarray, num_slices: int, k: int) -> np.ndarray:

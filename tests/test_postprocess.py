@@ -49,3 +49,24 @@ def test_volume_statistics_in_millilitres(spacing, ml):
     assert s["tumor_count"] == 3
     assert s["tumor_ml"] == pytest.approx(3 * ml / 1000)
     assert s["tumor_burden"] == pytest.approx(3 / 1000)
+
+
+@pytest.mark.parametrize("holes", [False, True])
+def test_in_place_postprocessing_matches_a_full_volume_reference(holes):
+    """Random blobs anywhere in the volume: the bounding-box, in-place path gives what labelling
+    the whole volume gives, and writes it into the caller's array."""
+    from scipy import ndimage
+
+    rng = np.random.default_rng(3)
+    lab = (ndimage.uniform_filter(rng.random((12, 40, 40)), 5) > 0.55).astype(np.uint8)
+    lab[(lab == 1) & (rng.random(lab.shape) < 0.2)] = 2
+    comp, n = ndimage.label(lab >= 1)
+    assert n >= 3  # several liver candidates, so the choice matters
+    biggest = comp == np.bincount(comp.ravel())[1:].argmax() + 1
+    if holes:
+        biggest = np.stack([ndimage.binary_fill_holes(s) for s in biggest])
+    expected = biggest.astype(np.uint8) + (biggest & (lab == 2))
+    copy = lab.copy()
+    assert (postprocess(lab, holes=holes) == expected).all() and (lab == copy).all()
+    out = postprocess(lab, holes=holes, inplace=True)
+    assert out is lab and (lab == expected).all()

@@ -15,6 +15,7 @@ from runtime.preprocess import (
     make_batch,
     preprocess_volume,
     slice_grid,
+    to_model_grid,
     window,
 )
 from runtime.spec import Preprocess
@@ -31,6 +32,20 @@ def test_window_clips_and_scales_to_unit_range():
     x = window(np.array([-1000, -200, 25, 250, 3000], dtype=np.int16), -200, 250)
     assert x.dtype == np.float32
     np.testing.assert_allclose(x, [0, 0, 0.5, 1, 1], atol=1e-6)
+
+
+@pytest.mark.parametrize("shape, spacing, window_hu", [((3, 300, 500), (0.7, 0.9), (-200.0, 250.0)),
+                                                    ((2, 90, 70), (1.0, 1.2), (-150.5, 200.25))])
+def test_model_grid_input_is_the_resampled_window(shape, spacing, window_hu):
+    """Shift and scale are applied after resampling, weighted by coverage: the result is still
+    the window resampled, padding included (both scans are narrower than the 384 mm model grid)."""
+    pre = Preprocess(window=window_hu, size=(256, 256))
+    hu = np.random.default_rng(1).integers(-1100, 1500, shape).astype(np.int16)
+    grid = slice_grid(shape[1:], spacing, pre)
+    x = to_model_grid(hu, grid, pre)
+    np.testing.assert_allclose(x, grid.forward(window(hu, *window_hu)), atol=1e-6)
+    padding = grid.coverage == 0
+    assert x.dtype == np.float32 and padding.any() and (x[:, padding] == 0).all()
 
 
 def test_interp_matrix_identity_and_partition_of_unity():

@@ -1,11 +1,11 @@
 """The streaming whole-volume pipeline.
 
-Per volume: a producer thread preprocesses slice batches (runtime.preprocess.SliceBatcher, each slice preprocessed once) into
-a bounded queue while the backend infers; each batch's logits are brought back to the scan's
-grid and argmax'ed straight into a preallocated uint8 mask, so peak memory is the volume,
-its mask and a few batches, never slices x classes x full-resolution logits. Across volumes,
-the next volume is read while the current one is inferred, and masks are written by a
-writer thread while the next one runs.
+Per volume: a producer thread preprocesses slice batches (runtime.preprocess.SliceBatcher,
+each slice preprocessed once) into a bounded queue while the backend infers; another thread
+brings each batch's logits back to the scan's grid and argmaxes them straight into a
+preallocated uint8 mask, so peak memory is the volume, its mask and a few batches, never
+slices x classes x full-resolution logits. Across volumes, the next volume is read while
+the current one is inferred, postprocessed and written.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ from __future__ import annotations
 import queue
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -90,10 +91,7 @@ def segment_canonical(
         except BaseException as exc:  # hand the error to the consumer
             q.put(exc)
 
-    def finish(pending) -> None:
-        start, count, token = pending
-        with _Timer(t, "infer"):
-            logits = collect(token)
+    def place(start: int, count: int, logits: np.ndarray) -> None:
         with _Timer(t, "postprocess"):
             out[start:start + count] = logits_to_labels(logits, grid, spec.io.activation)
             if probabilities is not None:
@@ -101,6 +99,19 @@ def segment_canonical(
         t.slices += count
         if progress:
             progress(count)
+
+    # batches are brought back to the scan's grid in a thread, so the next batch is submitted
+    # at once; at most two batches of logits wait there
+    placing = ThreadPoolExecutor(max_workers=1, thread_name_prefix="postprocess")
+    placed: deque[Future] = deque()
+
+    def finish(pending) -> None:
+        start, count, token = pending
+        with _Timer(t, "infer"):
+            logits = collect(token)
+        while len(placed) >= 2:
+            placed.popleft().result()
+        placed.append(placing.submit(place, start, count, logits))
 
     producer = threading.Thread(target=produce, name="preprocess", daemon=True)
     producer.start()
@@ -120,8 +131,11 @@ def segment_canonical(
             pending = (start, len(batch), token)
         if pending is not None:
             finish(pending)
+        while placed:
+            placed.popleft().result()
     finally:
         stop.set()
+        placing.shutdown(wait=True, cancel_futures=True)  # nothing writes into out after we return
         while producer.is_alive():  # unblock a producer waiting on a full queue
             try:
                 q.get_nowait()

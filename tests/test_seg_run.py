@@ -76,6 +76,31 @@ def test_streaming_pipeline_equals_simple_batches(tmp_path, model):
     np.testing.assert_array_equal(streamed, simple)
 
 
+def test_a_failing_batch_stops_the_pipeline_with_its_error(tmp_path, model, monkeypatch):
+    """An error while a batch is brought back to the scan's grid (in its own thread) reaches
+    the caller, and no pipeline thread outlives the call."""
+    import threading
+
+    import runtime.pipeline as rp
+    from runtime.backends.onnxrt import OnnxRuntimeBackend
+    from runtime.io import read_volume
+
+    calls = []
+
+    def flaky(logits, grid, activation):
+        calls.append(len(logits))
+        if len(calls) == 2:
+            raise MemoryError("no room for batch 2")
+        return real(logits, grid, activation)
+
+    real = rp.logits_to_labels
+    monkeypatch.setattr(rp, "logits_to_labels", flaky)
+    vol = read_volume(write_case(tmp_path / "v.nii.gz"))
+    with OnnxRuntimeBackend(model) as be, pytest.raises(MemoryError, match="batch 2"):
+        rp.segment_canonical(vol.data, vol.spacing, be.spec, None, 2, backend=be)
+    assert not [th for th in threading.enumerate() if th.name.startswith(("postprocess", "preprocess"))]
+
+
 def test_probability_maps_have_the_input_geometry_and_agree_with_the_mask(tmp_path, model):
     b = write_case(tmp_path / "b.nii.gz", layout_flip=True)
     r = run(b, "--model", model, "-o", tmp_path / "out", "--no-postprocess", "--probabilities")

@@ -85,13 +85,13 @@ def segment_files(paths: list[Path], backend, out_dir: Path, batch_size: int, sk
             continue
         todo.append(p)
     overall = _bar(len(todo), "volumes", "vol")
+    done_at = time.perf_counter()  # when the previous volume was finished
     for p, future in read_ahead(todo):
         name = case_name(p)
         mask_path, json_path = out_dir / f"{name}_seg.nii.gz", out_dir / f"{name}.json"
         t = Timings()
-        start = time.perf_counter()
         try:
-            vol, read_s = future.result()
+            vol, read_s, read_began = future.result()
             t.add("read", read_s)
             warning = intensity_warning(vol.data)
             if warning:
@@ -116,7 +116,9 @@ def segment_files(paths: list[Path], backend, out_dir: Path, batch_size: int, sk
                 from .overlay import overlay_panel
 
                 overlay_panel(vol.data, labels, out_dir / f"{name}_overlay.png")
-            t.wall = time.perf_counter() - start + read_s
+            # this volume's own time: from its read, or from the end of the previous volume
+            # if it was read ahead meanwhile
+            t.wall = time.perf_counter() - max(read_began, done_at)
             report = {
                 "input": str(p), "mask": str(mask_path), **({"probabilities": str(prob_path)} if prob_path else {}), **stats,
                 "slices": vol.num_slices, "shape": list(vol.shape), "spacing_mm": list(vol.spacing),
@@ -133,6 +135,7 @@ def segment_files(paths: list[Path], backend, out_dir: Path, batch_size: int, sk
             echo(f"error: {exc}", err=True)
         finally:
             overall.update(1)
+            done_at = time.perf_counter()
     overall.close()
     return results
 

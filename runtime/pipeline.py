@@ -144,15 +144,17 @@ def segment_canonical(
     return out
 
 
-def read_ahead(paths: Iterable[Path], reader: Callable[[Path], Volume] = read_volume) -> Iterator[tuple[Path, Future]]:
-    """Yield (path, future volume) with the next volume already being read in a thread."""
+def read_ahead(paths: Iterable[Path], reader: Callable[[Path], Volume] | None = None) -> Iterator[tuple[Path, Future]]:
+    """Yield (path, future) with the next volume already being read in a thread; each future
+    gives (volume, seconds spent reading, perf_counter time the read began)."""
     paths = list(paths)
+    read = reader or read_volume
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="read") as pool:
 
         def timed(p: Path):
             s = time.perf_counter()
-            vol = reader(p)
-            return vol, time.perf_counter() - s
+            vol = read(p)
+            return vol, time.perf_counter() - s, s
 
         futures = [pool.submit(timed, paths[0])] if paths else []
         for i, p in enumerate(paths):

@@ -76,6 +76,30 @@ def test_streaming_pipeline_equals_simple_batches(tmp_path, model):
     np.testing.assert_array_equal(streamed, simple)
 
 
+def test_wall_time_counts_the_read_once(tmp_path, model, monkeypatch):
+    """A volume's wall time spans its read and everything after it, and nothing twice."""
+    import time
+
+    import runtime.pipeline as rp
+    from runtime.backends.onnxrt import OnnxRuntimeBackend
+    from runtime.cli import segment_files
+
+    def slow_read(path):
+        time.sleep(0.4)
+        return real(path)
+
+    real = rp.read_volume
+    monkeypatch.setattr(rp, "read_volume", slow_read)
+    src = write_case(tmp_path / "v.nii.gz")
+    (tmp_path / "out").mkdir()
+    with OnnxRuntimeBackend(model) as be:
+        began = time.perf_counter()
+        report = segment_files([src], be, tmp_path / "out", 2, echo=lambda *a, **k: None)[src]
+        elapsed = time.perf_counter() - began
+    timings = report["timings_s"]
+    assert timings["read"] >= 0.4 and timings["read"] < timings["wall"] <= elapsed
+
+
 def test_a_failing_batch_stops_the_pipeline_with_its_error(tmp_path, model, monkeypatch):
     """An error while a batch is brought back to the scan's grid (in its own thread) reaches
     the caller, and no pipeline thread outlives the call."""

@@ -86,21 +86,22 @@ def segment_files(paths: list[Path], backend, out_dir: Path, batch_size: int, sk
         todo.append(p)
     overall = _bar(len(todo), "volumes", "vol")
     done_at = time.perf_counter()  # when the previous volume was finished
-    for p, future in read_ahead(todo):
+    for p, opened, done in read_ahead(todo):
         name = case_name(p)
         mask_path, json_path = out_dir / f"{name}_seg.nii.gz", out_dir / f"{name}.json"
         t = Timings()
         try:
-            vol, read_s, read_began = future.result()
+            vol = opened.result()  # its slices may still be arriving: segmentation follows them
+            bar = _bar(vol.num_slices, name, "slice", leave=False)
+            prob = np.empty((backend.spec.out_channels, *vol.data.shape), np.uint8) if probabilities else None
+            labels = segment_canonical(vol.data, vol.spacing, backend.spec, None, batch_size, t, progress=bar.update, backend=backend,
+                                       probabilities=prob, arrival=vol.arrival)
+            bar.close()
+            read_s, read_began = done.result()  # a stream that fails its final checksum stops here, before any output
             t.add("read", read_s)
             warning = intensity_warning(vol.data)
             if warning:
                 echo(f"warning: {p}: {warning}", err=True)
-            bar = _bar(vol.num_slices, name, "slice", leave=False)
-            prob = np.empty((backend.spec.out_channels, *vol.data.shape), np.uint8) if probabilities else None
-            labels = segment_canonical(vol.data, vol.spacing, backend.spec, None, batch_size, t, progress=bar.update, backend=backend,
-                                       probabilities=prob)
-            bar.close()
             s = time.perf_counter()
             if postprocess:
                 labels = post(labels, holes=holes, inplace=True)

@@ -12,7 +12,9 @@ import gzip
 import json
 import os
 import tempfile
+import threading
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,6 +31,40 @@ _RAS = np.array([[0, 1], [1, 1], [2, 1]], dtype=float)
 GZIP_LEVEL = 1
 
 
+class Arrival:
+    """Which canonical slices of a volume that is still being read are in memory.
+
+    A NIfTI file stores its last axis slowest, so when that axis is the scan's axial one the
+    slices arrive in order, from one end of the canonical stack (the superior end when the
+    file runs head to foot). ``wait`` blocks until a range of slices is in.
+    """
+
+    def __init__(self, num_slices: int, from_end: bool):
+        self.num_slices, self.from_end = num_slices, from_end
+        self._have = 0
+        self._error: BaseException | None = None
+        self._cond = threading.Condition()
+
+    def publish(self, count: int) -> None:
+        """``count`` slices, in file order, are complete."""
+        with self._cond:
+            self._have = count
+            self._cond.notify_all()
+
+    def fail(self, exc: BaseException) -> None:
+        with self._cond:
+            self._error = exc
+            self._cond.notify_all()
+
+    def wait(self, lo: int, hi: int) -> None:
+        """Block until canonical slices [lo, hi) are in; raise the read's error if it failed first."""
+        need = self.num_slices - lo if self.from_end else hi
+        with self._cond:
+            self._cond.wait_for(lambda: self._have >= need or self._error is not None)
+            if self._have < need:
+                raise self._error
+
+
 @dataclass
 class Volume:
     """A CT volume in canonical orientation plus what is needed to write results back."""
@@ -40,6 +76,7 @@ class Volume:
     shape: tuple[int, int, int]  # the file's array shape
     ornt: np.ndarray  # nibabel orientation of the file relative to RAS
     path: Path | None = None
+    arrival: Arrival | None = None  # set while the voxels are still being read (see read_volume)
 
     @property
     def num_slices(self) -> int:
@@ -107,8 +144,7 @@ def load_image(path: str | os.PathLike) -> nib.Nifti1Image:
     return img
 
 
-def read_array(img: nib.Nifti1Image, path: str | os.PathLike) -> np.ndarray:
-    """Voxel data in file layout, as int16/uint8 when stored unscaled, else float32."""
+def _check_shape(img: nib.Nifti1Image, path: str | os.PathLike) -> None:
     shape = img.shape
     if len(shape) == 4 and shape[3] == 1:
         pass
@@ -119,12 +155,24 @@ def read_array(img: nib.Nifti1Image, path: str | os.PathLike) -> np.ndarray:
         )
     if min(shape[:3]) < 2:
         raise InputError(f"{path}: image shape {tuple(shape)} is a single slice; expected a 3D volume")
+
+
+def _corrupt(path: str | os.PathLike, exc: BaseException) -> InputError:
+    return InputError(f"{path}: voxel data is corrupt or truncated ({_reason(exc)}); re-export or re-download it")
+
+
+_READ_ERRORS = (OSError, EOFError, zlib.error, ValueError)
+
+
+def read_array(img: nib.Nifti1Image, path: str | os.PathLike) -> np.ndarray:
+    """Voxel data in file layout, as int16/uint8 when stored unscaled, else float32."""
+    _check_shape(img, path)
     try:
         data = _read_gz_isal(img, path)
         if data is None:
             data = np.asanyarray(img.dataobj)
-    except (OSError, EOFError, zlib.error, ValueError) as exc:
-        raise InputError(f"{path}: voxel data is corrupt or truncated ({_reason(exc)}); re-export or re-download it") from exc
+    except _READ_ERRORS as exc:
+        raise _corrupt(path, exc) from exc
     if data.ndim == 4:
         data = data[..., 0]
     if data.dtype.kind == "f":
@@ -138,26 +186,40 @@ def read_array(img: nib.Nifti1Image, path: str | os.PathLike) -> np.ndarray:
     return data
 
 
-def _read_gz_isal(img: nib.Nifti1Image, path: str | os.PathLike) -> np.ndarray | None:
+def _isal_plain(img: nib.Nifti1Image, path: str | os.PathLike) -> bool:
+    """Whether ISA-L can inflate the voxels straight into an array: an unscaled .nii.gz in
+    Fortran order, with isal installed."""
+    px = img.dataobj
+    if not str(path).endswith(".gz") or getattr(px, "order", None) != "F" or not hasattr(px, "offset"):
+        return False
+    if (px.slope, px.inter) not in ((1.0, 0.0), (None, None)) or px.dtype.kind not in "iuf":
+        return False
+    try:
+        import isal  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _read_gz_isal(img: nib.Nifti1Image, path: str | os.PathLike, out: np.ndarray | None = None,
+                  progress: Callable[[int], None] | None = None) -> np.ndarray | None:
     """Voxels of an unscaled .nii.gz inflated by ISA-L straight into the array, or None.
 
     ISA-L (the ``isal`` package) inflates 2-3x faster than zlib, and reading into the final
     array skips nibabel's intermediate buffer: on a 200x512x512 CT this is most of the
     read time. None (nibabel reads it) when isal is missing or the file is not the plain
-    case: uncompressed, scaled, or not in Fortran order.
+    case: uncompressed, scaled, or not in Fortran order. ``out`` (Fortran order, the file's
+    dtype) receives the voxels; ``progress`` hears how many bytes of them are in.
     """
+    if not _isal_plain(img, path):
+        return None
+    from isal import igzip, isal_zlib
+
     px = img.dataobj
-    if not str(path).endswith(".gz") or getattr(px, "order", None) != "F" or not hasattr(px, "offset"):
-        return None
-    if (px.slope, px.inter) not in ((1.0, 0.0), (None, None)) or px.dtype.kind not in "iuf":
-        return None
-    try:
-        from isal import igzip, isal_zlib
-    except ImportError:
-        return None
-    shape = tuple(int(n) for n in px.shape)
-    out = np.empty(shape, px.dtype, order="F")
+    if out is None:
+        out = np.empty(tuple(int(n) for n in px.shape), px.dtype, order="F")
     buf = memoryview(out.reshape(-1, order="A")).cast("B")
+    step = len(buf) if progress is None else 1 << 22
     try:
         with igzip.open(path, "rb") as f:
             skip = int(px.offset)
@@ -168,25 +230,38 @@ def _read_gz_isal(img: nib.Nifti1Image, path: str | os.PathLike) -> np.ndarray |
                 skip -= len(chunk)
             got = 0
             while got < len(buf):
-                n = f.readinto(buf[got:])
+                n = f.readinto(buf[got:got + step])
                 if not n:
                     raise EOFError(f"expected {len(buf)} bytes of voxel data, file holds {got}")
                 got += n
+                if progress is not None:
+                    progress(got)
             f.read(1)  # reaches the end of the stream, so gzip's CRC and length are checked
     except isal_zlib.error as exc:  # not an OSError, unlike zlib's
         raise OSError(f"corrupt compressed data ({exc})") from exc
     return out if out.dtype.isnative else out.astype(out.dtype.newbyteorder("="))
 
 
-def read_volume(path: str | os.PathLike) -> Volume:
-    """Read a 3D NIfTI CT and present it as canonical axial slices (no copy)."""
+def read_volume(path: str | os.PathLike, on_open: Callable[[Volume], None] | None = None) -> Volume:
+    """Read a 3D NIfTI CT and present it as canonical axial slices (no copy).
+
+    ``on_open`` receives the volume as soon as it can be used. For an unscaled integer
+    .nii.gz whose stored slices are axial (the usual CT) that is before its voxels are in:
+    they are inflated here after the call, ``vol.arrival`` tells which slices are ready, and
+    segmentation can start on the first slices while the rest arrive. Otherwise it receives
+    the volume fully read.
+    """
     img = load_image(path)
-    data = read_array(img, path)
+    _check_shape(img, path)
     affine = img.affine
     if not np.all(np.isfinite(affine)) or abs(np.linalg.det(affine[:3, :3])) < 1e-9:
         raise InputError(f"{path}: the affine is degenerate; the file's geometry header is broken")
     ornt = io_orientation(affine)
-    return Volume(
+    dtype = img.dataobj.dtype
+    stream = (on_open is not None and int(ornt[2][0]) == 2 and dtype.kind in "iu" and dtype.isnative
+              and _isal_plain(img, path))
+    data = np.empty(img.shape[:3], dtype, order="F") if stream else read_array(img, path)
+    vol = Volume(
         data=to_canonical(data, ornt),
         spacing=canonical_spacing(affine, ornt),
         affine=affine,
@@ -194,7 +269,22 @@ def read_volume(path: str | os.PathLike) -> Volume:
         shape=tuple(int(s) for s in data.shape),
         ornt=ornt,
         path=Path(path),
+        arrival=Arrival(data.shape[2], from_end=ornt[2][1] < 0) if stream else None,
     )
+    if on_open is not None:
+        on_open(vol)
+    if stream:
+        per_slice = data.shape[0] * data.shape[1] * data.itemsize
+        try:
+            _read_gz_isal(img, path, out=data, progress=lambda got: vol.arrival.publish(got // per_slice))
+        except BaseException as exc:
+            err = _corrupt(path, exc) if isinstance(exc, _READ_ERRORS) else exc
+            vol.arrival.fail(err)
+            if err is exc:
+                raise
+            raise err from exc
+        vol.arrival.publish(data.shape[2])
+    return vol
 
 
 def read_labels(path: str | os.PathLike, num_classes: int = 3) -> Volume:

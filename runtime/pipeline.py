@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .io import Volume, read_volume
+from .io import Arrival, Volume, read_volume
 from .preprocess import SliceBatcher, logits_to_labels, logits_to_probabilities, slice_grid
 from .spec import ModelSpec
 
@@ -57,14 +57,15 @@ class _Timer:
 def segment_canonical(
     volume: np.ndarray, spacing: tuple[float, float, float], spec: ModelSpec, infer: Callable[[np.ndarray], np.ndarray] | None,
     batch_size: int, timings: Timings | None = None, progress: Callable[[int], None] | None = None, queue_depth: int = 3,
-    backend=None, probabilities: np.ndarray | None = None,
+    backend=None, probabilities: np.ndarray | None = None, arrival: Arrival | None = None,
 ) -> np.ndarray:
     """Canonical HU volume -> uint8 labels on the same grid, preprocessing in a producer thread.
 
     With a ``backend``, batches go through its submit/collect, keeping one batch in flight
     while the next is enqueued (double buffering on TensorRT); otherwise ``infer`` is called.
     With ``probabilities`` (a (C, slices, rows, cols) uint8 array), it is filled with the
-    class probabilities x 255.
+    class probabilities x 255. With an ``arrival`` (a volume still being read), each batch
+    waits for its slices, and batches run in the order the slices arrive.
     """
     t = timings or Timings()
     pre = spec.preprocess
@@ -78,11 +79,18 @@ def segment_canonical(
 
     batcher = SliceBatcher(volume, spacing, pre, grid)
 
+    starts = range(0, n, batch_size)
+    if arrival is not None and arrival.from_end:
+        starts = starts[::-1]
+    k = pre.context
+
     def produce() -> None:
         try:
-            for start in range(0, n, batch_size):
+            for start in starts:
                 if stop.is_set():
                     return
+                if arrival is not None:
+                    arrival.wait(max(0, start - k), min(n, start + batch_size + k))
                 s = time.perf_counter()
                 batch = batcher(start, min(start + batch_size, n))
                 t.add("preprocess", time.perf_counter() - s)
@@ -144,21 +152,34 @@ def segment_canonical(
     return out
 
 
-def read_ahead(paths: Iterable[Path], reader: Callable[[Path], Volume] | None = None) -> Iterator[tuple[Path, Future]]:
-    """Yield (path, future) with the next volume already being read in a thread; each future
-    gives (volume, seconds spent reading, perf_counter time the read began)."""
+def read_ahead(paths: Iterable[Path], reader: Callable[..., Volume] | None = None) -> Iterator[tuple[Path, Future, Future]]:
+    """Yield (path, opened, done) with the next volume already being read in a thread.
+
+    ``opened`` gives the volume as soon as it can be used, maybe while its slices still
+    arrive (runtime.io.read_volume's ``on_open``); ``done`` gives (seconds spent reading,
+    perf_counter time the read began) once every voxel is in, or the read's error.
+    """
     paths = list(paths)
     read = reader or read_volume
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="read") as pool:
 
-        def timed(p: Path):
+        def timed(p: Path, opened: Future):
             s = time.perf_counter()
-            vol = read(p)
-            return vol, time.perf_counter() - s, s
+            try:
+                read(p, on_open=opened.set_result)
+            except BaseException as exc:
+                if not opened.done():
+                    opened.set_exception(exc)
+                raise
+            return time.perf_counter() - s, s
 
-        futures = [pool.submit(timed, paths[0])] if paths else []
+        def submit(p: Path) -> tuple[Future, Future]:
+            opened: Future = Future()
+            return opened, pool.submit(timed, p, opened)
+
+        futures = [submit(paths[0])] if paths else []
         for i, p in enumerate(paths):
             if i + 1 < len(paths):
-                futures.append(pool.submit(timed, paths[i + 1]))
-            yield p, futures[i]
+                futures.append(submit(paths[i + 1]))
+            yield p, *futures[i]
             futures[i] = None  # let the volume be freed once the caller is done with it

@@ -238,9 +238,10 @@ class SliceBatcher:
     """Model inputs for consecutive batches of one volume, preprocessing every slice once.
 
     Context channels make neighbouring batches share 2k slices; a fresh batcher per batch
-    (make_batch) would window and resample those again for every batch (at batch size 1 and k = 1, three times
-    each slice). The batcher keeps the last 2k preprocessed slices for the next batch. The
-    batches are identical to make_batch's, in any order of requests.
+    (make_batch) would window and resample those again for every batch (at batch size 1 and
+    k = 1, three times each slice). The batcher keeps the preprocessed slices of the last
+    batch, so the next batch up or down the volume reuses the 2k it shares. The batches are
+    identical to make_batch's, in any order of requests.
     """
 
     def __init__(self, volume: np.ndarray, spacing: tuple[float, float, float], pre: Preprocess,
@@ -254,10 +255,13 @@ class SliceBatcher:
         n_slices, k = self.volume.shape[0], self.pre.context
         lo, hi = max(0, start - k), min(n_slices, stop + k)
         have_lo, have_hi = self._lo, self._lo + len(self._prepped)
-        if have_lo <= lo < have_hi:
+        if have_lo <= lo < have_hi:  # moving up the volume
             reuse = self._prepped[lo - have_lo:min(hi, have_hi) - have_lo]
             rest = to_model_grid(self.volume[have_hi:hi], self.grid, self.pre) if hi > have_hi else reuse[:0]
             prepped = np.concatenate([reuse, rest]) if len(rest) else reuse
+        elif lo < have_lo < hi <= have_hi:  # moving down
+            prepped = np.concatenate([to_model_grid(self.volume[lo:have_lo], self.grid, self.pre),
+                                      self._prepped[:hi - have_lo]])
         else:
             prepped = to_model_grid(self.volume[lo:hi], self.grid, self.pre)
         self._lo, self._prepped = lo, prepped

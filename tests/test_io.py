@@ -210,3 +210,47 @@ def test_corrupt_compressed_voxels_give_one_line(tmp_path, ras_volume):
     (tmp_path / "bad.nii.gz").write_bytes(bytes(full))
     with pytest.raises(InputError, match="corrupt or truncated|cannot be read"):
         read_volume(tmp_path / "bad.nii.gz")
+
+
+@pytest.mark.parametrize("kind, streams, from_end", [("RAS", True, False), ("LPS", True, False), ("flipped-z", True, True),
+                                                     ("permuted", False, None)])
+def test_streamed_read_hands_over_the_volume_before_its_voxels(tmp_path, ras_volume, kind, streams, from_end):
+    """Files whose stored slices are axial are handed over at once and fill in slice by slice,
+    from the end of the canonical stack the file starts with; the result is the plain read."""
+    pytest.importorskip("isal")
+    data, affine = reoriented(ras_volume, RAS_AFFINE, kind)
+    path = save_nifti(tmp_path / "v.nii.gz", data, affine)
+    seen = []
+    vol = read_volume(path, on_open=lambda v: seen.append((v, v.arrival and v.arrival._have)))
+    assert seen[0][0] is vol
+    np.testing.assert_array_equal(vol.data, read_volume(path).data)
+    if not streams:
+        assert vol.arrival is None
+        return
+    assert seen[0][1] == 0 and vol.arrival.from_end == from_end  # nothing was in when it was handed over
+    vol.arrival.wait(0, vol.num_slices)  # all in now: returns at once
+
+
+def test_a_stream_that_breaks_fails_its_waiters_with_one_line(tmp_path, ras_volume):
+    import threading
+
+    pytest.importorskip("isal")
+    full = bytearray(save_nifti(tmp_path / "full.nii.gz", ras_volume, RAS_AFFINE).read_bytes())
+    (tmp_path / "cut.nii.gz").write_bytes(bytes(full[: len(full) // 2]))  # truncated mid-stream
+    opened, errors = [], []
+
+    def waiter(vol):
+        def run():
+            try:
+                vol.arrival.wait(0, vol.num_slices)
+            except InputError as exc:
+                errors.append(str(exc))
+
+        th = threading.Thread(target=run)
+        th.start()
+        opened.append(th)
+
+    with pytest.raises(InputError, match="corrupt or truncated") as exc:
+        read_volume(tmp_path / "cut.nii.gz", on_open=waiter)
+    opened[0].join(5)
+    assert errors == [str(exc.value)] and "\n" not in errors[0]

@@ -108,6 +108,8 @@ def test_batches_equal_the_whole_volume_and_are_deterministic(rng):
     for size in (1, 2, 4):  # the batcher carries neighbours over between batches: same batches
         batcher = SliceBatcher(vol, (3.0, 1.1, 1.3), pre)
         np.testing.assert_array_equal(whole, np.concatenate([batcher(s, min(s + size, 11)) for s in range(0, 11, size)]))
+        down = SliceBatcher(vol, (3.0, 1.1, 1.3), pre)  # walking down the volume, as a head-first file streams in
+        np.testing.assert_array_equal(whole, np.concatenate([down(s, min(s + size, 11)) for s in reversed(range(0, 11, size))][::-1]))
     batcher = SliceBatcher(vol, (3.0, 1.1, 1.3), Preprocess(size=(32, 48), spacing_mm=2.0, context=2))
     for s in (5, 6, 0, 9, 10, 3):  # out of order, too
         np.testing.assert_array_equal(batcher(s, s + 1), make_batch(vol, (3.0, 1.1, 1.3), batcher.pre, s, s + 1))
@@ -198,3 +200,8 @@ def test_the_batcher_preprocesses_each_slice_once(rng, monkeypatch):
     for s in range(9):
         batcher(s, s + 1)
     assert sum(seen) == 9  # make_batch per slice would have done 3 x 9 - 2
+    seen.clear()
+    down = SliceBatcher(vol, (2.0, 1.0, 1.0), batcher.pre)
+    for s in range(8, -1, -1):
+        down(s, s + 1)
+    assert sum(seen) == 9

@@ -84,9 +84,9 @@ def test_wall_time_counts_the_read_once(tmp_path, model, monkeypatch):
     from runtime.backends.onnxrt import OnnxRuntimeBackend
     from runtime.cli import segment_files
 
-    def slow_read(path):
+    def slow_read(path, on_open=None):
         time.sleep(0.4)
-        return real(path)
+        return real(path, on_open=on_open)
 
     real = rp.read_volume
     monkeypatch.setattr(rp, "read_volume", slow_read)
@@ -236,3 +236,29 @@ def test_demo_uses_the_embedded_or_configured_model(tmp_path, model, monkeypatch
     assert "Dice vs ground truth: liver" in r.output and "synthetic CT phantoms only" in r.output
     assert (tmp_path / "demo" / "phantom_seg.nii.gz").exists() and (tmp_path / "demo" / "phantom_overlay.png").exists()
     assert os.path.getsize(tmp_path / "demo" / "phantom_overlay.png") > 1000
+
+
+@pytest.mark.parametrize("head_first", [False, True])
+def test_a_streamed_volume_gets_the_mask_of_a_fully_read_one(tmp_path, model, head_first):
+    """seg-run starts on the first slices while the rest are inflated, in file order (down the
+    volume for a head-first file): the mask is the one a fully read volume gets."""
+    from runtime.backends.onnxrt import OnnxRuntimeBackend
+    from runtime.io import read_labels, read_volume
+    from runtime.pipeline import segment_canonical
+
+    ph = make_phantom(3, 0, size=64, slices=16)
+    img, _ = phantom_images(ph)
+    if head_first:
+        flip = np.diag([1.0, 1.0, -1.0, 1.0])
+        flip[2, 3] = ph.hu.shape[2] - 1
+        img = nib.Nifti1Image(ph.hu[:, :, ::-1].copy(), ph.affine @ flip)
+    src = write_nifti(img, tmp_path / "v.nii.gz")
+    streamed = []
+    read_volume(src, on_open=lambda v: streamed.append(v.arrival))
+    assert streamed[0] is not None and streamed[0].from_end == head_first
+    r = run(src, "--model", model, "-o", tmp_path / "out", "--no-postprocess", "--batch-size", "3")
+    assert r.exit_code == 0, r.output
+    vol = read_volume(src)
+    with OnnxRuntimeBackend(model) as be:
+        expected = segment_canonical(vol.data, vol.spacing, be.spec, None, 3, backend=be)
+    np.testing.assert_array_equal(read_labels(tmp_path / "out" / "v_seg.nii.gz").data, expected)

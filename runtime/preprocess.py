@@ -143,8 +143,10 @@ def _apply(x: np.ndarray, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
     """rows @ x @ cols.T over the last two axes, as banded gathers (dense products for wide bands)."""
     br, bc = _band(rows), _band(cols)
     if br.taps > MAX_TAPS or bc.taps > MAX_TAPS:  # extreme downsampling: the dense product is cheaper
-        return resample(x, rows, cols)
-    return _apply_bands(np.asarray(x, dtype=np.float32), br, bc)
+        return resample(np.asarray(x, dtype=np.float32), rows, cols)
+    if x.dtype.kind not in "iu":  # integers stay as they are: the first gather's product makes them float32
+        x = np.asarray(x, dtype=np.float32)
+    return _apply_bands(x, br, bc)
 
 
 MAX_TAPS = 16
@@ -209,7 +211,11 @@ def to_model_grid(slices_hu: np.ndarray, grid: SliceGrid, pre: Preprocess) -> np
     to the model grid, where a pixel's shift is weighted by its coverage (0 for padding).
     """
     lo, hi = pre.window
-    x = np.clip(slices_hu, np.float32(lo), np.float32(hi), dtype=np.float32)
+    dt = slices_hu.dtype
+    if dt.kind in "iu" and float(lo).is_integer() and float(hi).is_integer() and np.iinfo(dt).min <= lo <= hi <= np.iinfo(dt).max:
+        x = np.clip(slices_hu, int(lo), int(hi))  # the usual int16 CT: clipped in half the bytes
+    else:
+        x = np.clip(slices_hu, np.float32(lo), np.float32(hi), dtype=np.float32)
     y = np.ascontiguousarray(grid.forward(x), dtype=np.float32)
     y -= np.float32(lo) * grid.coverage
     y *= np.float32(1.0 / (hi - lo))

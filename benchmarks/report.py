@@ -178,24 +178,36 @@ def plot_dice_bars(rep: dict, path: Path) -> Path:
 
 
 def plot_dice_vs_latency(parity_rep: dict, latency_rep: dict, path: Path) -> Path:
+    """One panel per class, one colour per model: the Dice differences between precisions are
+    thousandths, so each class gets its own Dice axis."""
     plt = _plt()
     lat = {Path(r["model"]).name: min(row["per_slice_ms"]["median"] for row in r["rows"]) for r in latency_rep["results"] if "error" not in r and r["rows"]}
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.8))
     ref = parity_rep.get("reference") or {}
     entries = ([(ref["model"], ref)] if ref.get("model") else []) + list(parity_rep["models"].items())
-    for m, r in entries:
+    for i, (m, r) in enumerate(entries):
         name = Path(m).name
         if r.get("error") or name not in lat or not r.get("summary"):
             continue
-        for s, marker in (("liver", "o"), ("tumor", "s")):
-            d = r["summary"][s]["dice_per_case_mean"]
+        for ax, cls in zip(axes, ("liver", "tumor")):
+            d = r["summary"][cls]["dice_per_case_mean"]
             if d is not None:
-                ax.scatter(lat[name], d, marker=marker, s=50)
-                ax.annotate(f"{name} ({'liver' if s == 'liver' else 'tumour'})", (lat[name], d), fontsize=7, xytext=(4, 2), textcoords="offset points")
-    ax.set_xlabel("best per-slice latency, ms")
-    ax.set_ylabel("mean per-case Dice vs ground truth")
-    ax.grid(alpha=0.3)
-    ax.set_title("Accuracy vs speed across precisions", fontsize=9)
+                ax.scatter(lat[name], d, s=60, color=f"C{i}", label=name)
+    for ax, title in zip(axes, ("liver", "tumour")):
+        ax.set_xlabel("best per-slice latency, ms")
+        ax.set_title(title, fontsize=9)
+        ax.grid(alpha=0.3)
+        ax.ticklabel_format(axis="y", useOffset=False)
+        lo, hi = ax.get_ylim()
+        if hi - lo < 0.01:  # at least 0.01 of Dice: thousandths should look like thousandths
+            mid = (lo + hi) / 2
+            ax.set_ylim(mid - 0.005, mid + 0.005)
+    axes[0].set_ylabel("mean per-case Dice vs ground truth")
+    handles, labels = axes[0].get_legend_handles_labels()
+    if handles:
+        fig.legend(handles, labels, loc="lower center", ncol=min(4, len(labels)), fontsize=8, frameon=False)
+    fig.suptitle("Accuracy vs speed across precisions", fontsize=10)
+    fig.tight_layout(rect=(0, 0.08, 1, 1))
     out = _save(fig, path)
     plt.close(fig)
     return out

@@ -66,7 +66,7 @@ def _volumes(volumes: Path | None, quick: bool, tmp: Path) -> list[str]:
 @click.option("--threads", default=0, type=click.IntRange(0), help="Inference threads (0: all cores).")
 @click.option("--repeats", default=20, show_default=True, type=click.IntRange(1))
 @click.option("--warmup", default=3, show_default=True, type=click.IntRange(0))
-@click.option("--volume-repeats", default=3, show_default=True, type=click.IntRange(1), help="Whole-volume runs per model (median reported).")
+@click.option("--volume-repeats", default=3, show_default=True, type=click.IntRange(1), help="Whole-volume runs per model, the PyTorch baseline included (median reported).")
 @click.option("--volume-batch", type=click.IntRange(1), default=None, help="Batch size for whole volumes (default: the backend's).")
 @click.option("--torch-checkpoint", type=click.Path(path_type=Path), help="Also time the seed-style PyTorch eager baseline on these weights.")
 @click.option("--quick", is_flag=True, help="A one-minute smoke run: one batch size, few repeats, a small volume.")
@@ -96,7 +96,8 @@ def latency(models, volumes, batches, backend, threads, repeats, warmup, volume_
         jobs = [{"model": str(m), "volumes": vols, "batches": bl, "backend": backend, "threads": threads, "warmup": warmup,
                  "repeats": repeats, "volume_repeats": volume_repeats, "vol_batch": volume_batch} for m in models]
         if torch_checkpoint:
-            jobs.append({"kind": "torch", "checkpoint": str(torch_checkpoint), "volumes": vols, "warmup": warmup, "repeats": repeats, "threads": threads})
+            jobs.append({"kind": "torch", "checkpoint": str(torch_checkpoint), "volumes": vols, "warmup": warmup, "repeats": repeats, "threads": threads,
+                         "volume_repeats": volume_repeats})
         results = []
         for job in tqdm(jobs, desc="models", unit="model", disable=not sys.stderr.isatty()):
             results.append(run_worker(job))

@@ -87,7 +87,8 @@ def measure_model(model: str, volumes: list[str], batches: list[int], backend: s
     return out
 
 
-def measure_torch_baseline(checkpoint: str, volumes: list[str], warmup: int, repeats: int, threads: int) -> dict:
+def measure_torch_baseline(checkpoint: str, volumes: list[str], warmup: int, repeats: int, threads: int,
+                           volume_repeats: int = 1) -> dict:
     """The seed's approach: PyTorch eager, one slice at a time, sequential preprocessing."""
     import torch
 
@@ -113,7 +114,7 @@ def measure_torch_baseline(checkpoint: str, volumes: list[str], warmup: int, rep
         with tempfile.TemporaryDirectory() as tmp:
             for v in volumes:
                 walls = []
-                for _ in range(max(1, repeats // 10)):
+                for _ in range(volume_repeats):
                     t0 = time.perf_counter()
                     vol = read_volume(v)
                     batcher = SliceBatcher(vol.data, vol.spacing, spec.preprocess)  # each slice preprocessed once
@@ -141,7 +142,8 @@ def _main() -> None:
     job = json.loads(sys.argv[1])
     try:
         if job.get("kind") == "torch":
-            res = measure_torch_baseline(job["checkpoint"], job["volumes"], job["warmup"], job["repeats"], job["threads"])
+            res = measure_torch_baseline(job["checkpoint"], job["volumes"], job["warmup"], job["repeats"], job["threads"],
+                                         job.get("volume_repeats", 1))
         else:
             res = measure_model(job["model"], job["volumes"], job["batches"], job["backend"], job["threads"], job["warmup"],
                                 job["repeats"], job["volume_repeats"], job.get("vol_batch"))

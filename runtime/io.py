@@ -76,7 +76,7 @@ class Volume:
     shape: tuple[int, int, int]  # the file's array shape
     ornt: np.ndarray  # nibabel orientation of the file relative to RAS
     path: Path | None = None
-    arrival: Arrival | None = None  # set while the voxels are still being read (see read_volume)
+    arrival: Arrival | None = None  # for a streamed read: which slices are in yet (see read_volume)
 
     @property
     def num_slices(self) -> int:

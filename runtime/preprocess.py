@@ -18,12 +18,10 @@ import numpy as np
 from .spec import Preprocess
 
 
-def window(hu: np.ndarray, lo: float, hi: float, out: np.ndarray | None = None) -> np.ndarray:
-    """Clip HU to [lo, hi] and scale to [0, 1], as float32."""
-    x = np.asarray(hu, dtype=np.float32) if out is None else out
-    if out is not None:
-        np.copyto(out, hu, casting="unsafe")
-    np.clip(x, lo, hi, out=x)
+def window(hu: np.ndarray, lo: float, hi: float) -> np.ndarray:
+    """Clip HU to [lo, hi] and scale to [0, 1], as float32: the definition of the model's
+    intensities. to_model_grid computes the same with the scaling moved after resampling."""
+    x = np.clip(np.asarray(hu, dtype=np.float32), lo, hi)
     x -= np.float32(lo)
     x *= np.float32(1.0 / (hi - lo))
     return x

@@ -12,9 +12,16 @@ INT8 targets:
   per-tensor (or per-input-channel) weight scales only. Evaluated with ONNX Runtime's graph
   optimisations disabled, so Q/DQ is simulated in float as TensorRT computes it, not by the
   CPU's int8 kernels.
-- ``cpu``: U8S8 with ``reduce_range`` weights (7-bit), per-channel, Conv only: on x86 CPUs
-  without VNNI, ONNX Runtime's int8 kernels give wrong results for S8S8 and for U8S8 with
-  full-range weights. Evaluated with graph optimisations on, exactly as it will run.
+- ``cpu``: U8S8 with ``reduce_range`` weights (7-bit), per-channel: on x86 CPUs without
+  VNNI, ONNX Runtime's int8 kernels give wrong results for S8S8 and for U8S8 with full-range
+  weights. Conv, Relu, MaxPool, Concat and DepthToSpace are quantized, so that ONNX Runtime
+  runs the whole network in its int8 channels-last kernels: Relu folds into the convolution
+  before it (asymmetric uint8 activations start at 0), MaxPool and Concat work on uint8, and
+  each 2x2 transposed convolution (no int8 kernel on the CPU) is first rewritten as its exact
+  equivalent, a 1x1 convolution to four times the channels and DepthToSpace. With Conv alone
+  every activation went through float between the int8 convolutions and the model ran
+  1.2x faster than FP32 instead of 1.5x. Evaluated with graph optimisations on, exactly as
+  it will run.
 
 Every written graph passed ``check_qdq`` for its target and the Dice gate against the FP32
 model on held-out cases; both results are stored in the spec inside it.
@@ -145,10 +152,53 @@ def int8_settings(target: str) -> dict:
     if target == "cpu":
         return {
             "activation_type": QuantType.QUInt8, "weight_type": QuantType.QInt8, "reduce_range": True,
-            "op_types": ["Conv"],
+            "op_types": ["Conv", "Relu", "MaxPool", "Concat", "DepthToSpace"],
             "extra": {"ActivationSymmetric": False, "WeightSymmetric": True},
         }
     raise InputError(f"--target must be one of {TARGETS}, got {target!r}")
+
+
+def upsampling_as_depth_to_space(model):
+    """Rewrite each 2x2, stride-2 ConvTranspose as a 1x1 Conv to 4x the channels followed by
+    DepthToSpace (CRD): the same function, since the kernel's four taps never overlap
+    (output channel ``4 * co + 2 * a + b`` of the 1x1 convolution is tap ``(a, b)`` of
+    output channel ``co``). ONNX Runtime has no int8 ConvTranspose kernel on the CPU; the
+    rewritten form quantizes. Other ConvTransposes and the model itself are left as they are;
+    returns a rewritten copy."""
+    import onnx
+    from onnx import helper, numpy_helper
+
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    g = out.graph
+    inits = {t.name: t for t in g.initializer}
+    nodes = []
+    for n in g.node:
+        plain = (n.op_type == "ConvTranspose" and list(_attr(n, "kernel_shape", [])) == [2, 2]
+                 and list(_attr(n, "strides", [1, 1])) == [2, 2] and int(_attr(n, "group", 1)) == 1
+                 and not any(_attr(n, "pads", [0])) and not any(_attr(n, "output_padding", [0]))
+                 and set(_attr(n, "dilations", [1])) == {1} and _attr(n, "auto_pad", b"NOTSET") in (b"NOTSET", "NOTSET")
+                 and n.input[1] in inits and (len(n.input) < 3 or not n.input[2] or n.input[2] in inits))
+        if not plain:
+            nodes.append(n)
+            continue
+        w = numpy_helper.to_array(inits[n.input[1]])  # (in, out, 2, 2)
+        c_out = w.shape[1]
+        ins = [n.input[0], n.input[1] + ".as_1x1"]
+        g.initializer.append(numpy_helper.from_array(np.ascontiguousarray(w.transpose(1, 2, 3, 0).reshape(4 * c_out, -1, 1, 1)), ins[1]))
+        if len(n.input) > 2 and n.input[2]:
+            ins.append(n.input[2] + ".as_1x1")
+            g.initializer.append(numpy_helper.from_array(np.repeat(numpy_helper.to_array(inits[n.input[2]]), 4), ins[2]))
+        mid = n.output[0] + ".before_depth_to_space"
+        nodes.append(helper.make_node("Conv", ins, [mid], name=f"{n.name}.as_1x1", kernel_shape=[1, 1]))
+        nodes.append(helper.make_node("DepthToSpace", [mid], list(n.output), name=f"{n.name}.depth_to_space", blocksize=2, mode="CRD"))
+    del g.node[:]
+    g.node.extend(nodes)
+    used = {i for n in g.node for i in n.input}
+    kept = [t for t in g.initializer if t.name in used]
+    del g.initializer[:]
+    g.initializer.extend(kept)
+    return out
 
 
 def edge_nodes(model) -> list[str]:
@@ -185,6 +235,8 @@ def to_int8(model, data: np.ndarray, target: str, method: str = "minmax", quanti
             n.input[1]: [{"quant_type": cfg["weight_type"], "symmetric": True}]
             for n in model.graph.node if n.op_type == "ConvTranspose"
         }
+    if target == "cpu":
+        model = upsampling_as_depth_to_space(model)
     with tempfile.TemporaryDirectory() as tmp:
         src, dst = Path(tmp) / "fp32.onnx", Path(tmp) / "int8.onnx"
         onnx.save(model, str(src))

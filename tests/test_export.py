@@ -11,7 +11,7 @@ ort = pytest.importorskip("onnxruntime")
 
 from export.cli import cli  # noqa: E402
 from export.onnx_export import export_onnx  # noqa: E402
-from export.quantize import GateFailure, check_qdq, quantize  # noqa: E402
+from export.quantize import GateFailure, check_qdq, quantize, upsampling_as_depth_to_space  # noqa: E402
 from runtime.datasets import load_dataset  # noqa: E402
 from runtime.errors import InputError, SegError  # noqa: E402
 from runtime.spec import METADATA_KEY, ModelSpec  # noqa: E402
@@ -83,6 +83,30 @@ def test_int8_cpu_graph_uses_reduce_range_weights_with_zero_offsets(fp32, tiny_d
     consts = {t.name: onnx.numpy_helper.to_array(t) for t in m.graph.initializer}
     weights = [consts[n.input[0]] for n in m.graph.node if n.op_type == "DequantizeLinear" and n.input[0] in consts and consts[n.input[0]].dtype == np.int8]
     assert weights and max(int(np.abs(w).max()) for w in weights) <= 64  # 7-bit (reduce_range) weights
+    # the whole body is int8: no float upsampling, and pooling, concatenation and
+    # depth-to-space read quantized tensors; only the float first convolution keeps its Relu
+    ops = [n.op_type for n in m.graph.node]
+    ups = sum(n.op_type == "ConvTranspose" for n in onnx.load(str(fp32[0])).graph.node)
+    assert "ConvTranspose" not in ops and ops.count("DepthToSpace") == ups > 0 and ops.count("Relu") <= 1
+    producers = {o: n.op_type for n in m.graph.node for o in n.output}
+    for n in m.graph.node:
+        if n.op_type in ("MaxPool", "Concat", "DepthToSpace"):
+            assert all(producers.get(i) == "DequantizeLinear" for i in n.input), n.name
+
+
+def test_transposed_convolutions_become_an_exact_1x1_conv_and_depth_to_space(fp32, rng):
+    src = onnx.load(str(fp32[0]))
+    ups = sum(n.op_type == "ConvTranspose" for n in src.graph.node)
+    out = upsampling_as_depth_to_space(src)
+    onnx.checker.check_model(out, full_check=True)
+    ops = [n.op_type for n in out.graph.node]
+    assert ups > 0 and "ConvTranspose" not in ops and ops.count("DepthToSpace") == ups
+    assert sum(n.op_type == "ConvTranspose" for n in src.graph.node) == ups  # the input model is untouched
+    name = src.graph.input[0].name
+    x = rng.random((3, *[d.dim_value for d in src.graph.input[0].type.tensor_type.shape.dim[1:]]), dtype=np.float32)
+    a = ort.InferenceSession(src.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {name: x})[0]
+    b = ort.InferenceSession(out.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {name: x})[0]
+    assert np.abs(a - b).max() <= 1e-4 * max(1.0, float(np.abs(a).max()))
 
 
 def test_the_gate_refuses_a_badly_calibrated_model(fp32, tiny_data, tmp_path):

@@ -174,12 +174,7 @@ def upsampling_as_depth_to_space(model):
     inits = {t.name: t for t in g.initializer}
     nodes = []
     for n in g.node:
-        plain = (n.op_type == "ConvTranspose" and list(_attr(n, "kernel_shape", [])) == [2, 2]
-                 and list(_attr(n, "strides", [1, 1])) == [2, 2] and int(_attr(n, "group", 1)) == 1
-                 and not any(_attr(n, "pads", [0])) and not any(_attr(n, "output_padding", [0]))
-                 and set(_attr(n, "dilations", [1])) == {1} and _attr(n, "auto_pad", b"NOTSET") in (b"NOTSET", "NOTSET")
-                 and n.input[1] in inits and (len(n.input) < 3 or not n.input[2] or n.input[2] in inits))
-        if not plain:
+        if not _is_plain_2x2_up(n, inits):
             nodes.append(n)
             continue
         w = numpy_helper.to_array(inits[n.input[1]])  # (in, out, 2, 2)
@@ -199,6 +194,16 @@ def upsampling_as_depth_to_space(model):
     del g.initializer[:]
     g.initializer.extend(kept)
     return out
+
+
+def _is_plain_2x2_up(n, inits: dict) -> bool:
+    """A ConvTranspose with a 2x2 kernel, stride 2, no padding, groups or dilation, and
+    constant weights and bias: the up-convolution of the UNet."""
+    return (n.op_type == "ConvTranspose" and list(_attr(n, "kernel_shape", [])) == [2, 2]
+            and list(_attr(n, "strides", [1, 1])) == [2, 2] and int(_attr(n, "group", 1)) == 1
+            and not any(_attr(n, "pads", [0])) and not any(_attr(n, "output_padding", [0]))
+            and set(_attr(n, "dilations", [1])) == {1} and _attr(n, "auto_pad", b"NOTSET") in (b"NOTSET", "NOTSET")
+            and n.input[1] in inits and (len(n.input) < 3 or not n.input[2] or n.input[2] in inits))
 
 
 def edge_nodes(model) -> list[str]:

@@ -64,6 +64,7 @@ def _volumes(volumes: Path | None, quick: bool, tmp: Path) -> list[str]:
 @click.option("--batch", "batches", default="1,2,4,8,16", show_default=True, help="Batch sizes for the per-slice suite.")
 @click.option("--backend", type=click.Choice(["auto", "onnxruntime", "tensorrt"]), default="auto", show_default=True)
 @click.option("--threads", default=0, type=click.IntRange(0), help="Inference threads (0: all cores).")
+@click.option("--streams", default=0, type=click.IntRange(0), help="ONNX Runtime CPU streams, as seg-run --streams (0: the backend's default).")
 @click.option("--repeats", default=20, show_default=True, type=click.IntRange(1))
 @click.option("--warmup", default=3, show_default=True, type=click.IntRange(0))
 @click.option("--volume-repeats", default=3, show_default=True, type=click.IntRange(1), help="Whole-volume runs per model, the PyTorch baseline included (median reported).")
@@ -71,7 +72,7 @@ def _volumes(volumes: Path | None, quick: bool, tmp: Path) -> list[str]:
 @click.option("--torch-checkpoint", type=click.Path(path_type=Path), help="Also time the seed-style PyTorch eager baseline on these weights.")
 @click.option("--quick", is_flag=True, help="A one-minute smoke run: one batch size, few repeats, a small volume.")
 @click.option("-o", "--out", "out_dir", type=click.Path(path_type=Path), default=Path("bench-latency"), show_default=True)
-def latency(models, volumes, batches, backend, threads, repeats, warmup, volume_repeats, volume_batch, torch_checkpoint, quick, out_dir) -> None:
+def latency(models, volumes, batches, backend, threads, streams, repeats, warmup, volume_repeats, volume_batch, torch_checkpoint, quick, out_dir) -> None:
     """Per-slice latency (median, p90, p95, p99, min, max), throughput and GFLOP/s per batch
     size, and whole-volume time with its stage split, for each model; JSON, Markdown, plot.
 
@@ -93,7 +94,7 @@ def latency(models, volumes, batches, backend, threads, repeats, warmup, volume_
         bl, repeats, warmup, volume_repeats = bl[:1] if len(bl) == 1 else [4], 5, 1, 1
     with tempfile.TemporaryDirectory() as tmp:
         vols = _volumes(volumes, quick, Path(tmp))
-        jobs = [{"model": str(m), "volumes": vols, "batches": bl, "backend": backend, "threads": threads, "warmup": warmup,
+        jobs = [{"model": str(m), "volumes": vols, "batches": bl, "backend": backend, "threads": threads, "streams": streams, "warmup": warmup,
                  "repeats": repeats, "volume_repeats": volume_repeats, "vol_batch": volume_batch} for m in models]
         if torch_checkpoint:
             jobs.append({"kind": "torch", "checkpoint": str(torch_checkpoint), "volumes": vols, "warmup": warmup, "repeats": repeats, "threads": threads,

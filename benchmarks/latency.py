@@ -33,21 +33,42 @@ def real_slices(volume_paths: list[Path], spec, n: int = 16) -> np.ndarray:
     return np.concatenate([x] * reps)[:n]
 
 
-def batch_latency(infer, x: np.ndarray, batch: int, warmup: int, repeats: int) -> list[float]:
-    """Seconds per call of ``infer`` on ``batch`` slices, after ``warmup`` calls."""
-    xb = np.ascontiguousarray(np.resize(x, (batch, *x.shape[1:])))
+def _timed(run, warmup: int, repeats: int) -> list[float]:
     for _ in range(warmup):
-        infer(xb)
+        run()
     times = []
     for _ in range(repeats):
         t = time.perf_counter()
-        infer(xb)
+        run()
         times.append(time.perf_counter() - t)
     return times
 
 
+def _batch_of(x: np.ndarray, batch: int) -> np.ndarray:
+    return np.ascontiguousarray(np.resize(x, (batch, *x.shape[1:])))
+
+
+def batch_latency(infer, x: np.ndarray, batch: int, warmup: int, repeats: int) -> list[float]:
+    """Seconds per call of ``infer`` on ``batch`` slices, after ``warmup`` calls."""
+    xb = _batch_of(x, batch)
+    return _timed(lambda: infer(xb), warmup, repeats)
+
+
+def slice_times(backend, x: np.ndarray, batch: int, warmup: int, repeats: int) -> list[float]:
+    """Seconds per slice in steady state, as the pipeline drives the backend: each repeat
+    submits ``backend.in_flight`` batches, which run at once (CPU streams, TensorRT slots),
+    and collects them all. For a backend that runs one batch at a time, latency / batch."""
+    xb, k = _batch_of(x, batch), max(1, backend.in_flight)
+
+    def run() -> None:
+        for token in [backend.submit(xb) for _ in range(k)]:
+            backend.collect(token)
+
+    return [t / (k * batch) for t in _timed(run, warmup, repeats)]
+
+
 def measure_model(model: str, volumes: list[str], batches: list[int], backend: str, threads: int, warmup: int,
-                  repeats: int, volume_repeats: int, vol_batch: int | None) -> dict:
+                  repeats: int, volume_repeats: int, vol_batch: int | None, streams: int = 0) -> dict:
     """Everything for one model (runs inside the worker subprocess)."""
     import onnx
 
@@ -57,17 +78,17 @@ def measure_model(model: str, volumes: list[str], batches: list[int], backend: s
     from .flops import conv_flops
 
     out: dict = {"model": model, "rows": [], "volumes": []}
-    with open_backend(model, backend, "auto", threads) as be:
-        out.update(backend=be.name, provider=be.provider, precision=be.precision)
+    with open_backend(model, backend, "auto", threads, streams=streams) as be:
+        out.update(backend=be.name, provider=be.provider, precision=be.precision, in_flight=be.in_flight, describe=be.describe())
         flops = conv_flops(onnx.load(model)) if model.endswith(".onnx") else None
         out["gflop_per_slice"] = flops / 1e9 if flops else None
         x = real_slices([Path(v) for v in volumes], be.spec)
         for b in batches:
             if b < be.min_batch or (be.max_batch and b > be.max_batch):
                 continue
-            per_slice = [t / b for t in batch_latency(be.infer, x, b, warmup, repeats)]
-            s = summarize(np.array(per_slice) * 1000)
-            out["rows"].append({"batch": b, "per_slice_ms": s, "throughput_slices_s": 1000 / s["median"],
+            s = summarize(np.array(slice_times(be, x, b, warmup, repeats)) * 1000)
+            latency = summarize(np.array(batch_latency(be.infer, x, b, warmup, repeats)) * 1000)
+            out["rows"].append({"batch": b, "per_slice_ms": s, "batch_latency_ms": latency, "throughput_slices_s": 1000 / s["median"],
                                 "gflops": (flops / 1e9) / (s["median"] / 1000) if flops else None})
         bs = vol_batch or be.default_batch
         with tempfile.TemporaryDirectory() as tmp:
@@ -108,9 +129,8 @@ def measure_torch_baseline(checkpoint: str, volumes: list[str], warmup: int, rep
         def infer(b):
             return model(torch.from_numpy(b)).numpy()
 
-        per_slice = batch_latency(infer, x, 1, warmup, repeats)
-        s = summarize(np.array(per_slice) * 1000)
-        out["rows"].append({"batch": 1, "per_slice_ms": s, "throughput_slices_s": 1000 / s["median"], "gflops": None})
+        s = summarize(np.array(batch_latency(infer, x, 1, warmup, repeats)) * 1000)
+        out["rows"].append({"batch": 1, "per_slice_ms": s, "batch_latency_ms": s, "throughput_slices_s": 1000 / s["median"], "gflops": None})
         with tempfile.TemporaryDirectory() as tmp:
             for v in volumes:
                 walls = []
@@ -146,7 +166,7 @@ def _main() -> None:
                                          job.get("volume_repeats", 1))
         else:
             res = measure_model(job["model"], job["volumes"], job["batches"], job["backend"], job["threads"], job["warmup"],
-                                job["repeats"], job["volume_repeats"], job.get("vol_batch"))
+                                job["repeats"], job["volume_repeats"], job.get("vol_batch"), job.get("streams", 0))
     except Exception as exc:  # reported per model by the parent
         print(f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}", file=sys.stderr)
         sys.exit(1)

@@ -33,9 +33,12 @@ def latency_markdown(rep: dict) -> str:
     out = [f"# Latency on {rep['machine']['cpu']} ({rep['machine']['cores']} cores)", "",
            f"Matrix-multiply peak (float32 2048x2048, best of the GEMMs at hand, same threads): {_f(peak, 1)} GFLOP/s"
            + (f" ({rates})" if rates else "") + ". "
-           "Per-slice latency = batch latency / batch size, over repeated runs after warm-up.", "",
-           "| model | batch | median ms/slice | p90 | p95 | p99 | min | max | slices/s | GFLOP/s | % of matmul peak |",
-           "|---|---|---|---|---|---|---|---|---|---|---|"]
+           "ms/slice = steady-state time per slice with as many batches in flight as the backend runs at once "
+           "(its streams or buffer slots; one otherwise), over repeated runs after warm-up; "
+           "batch latency = one batch on its own.", ""]
+    out += [f"- {Path(str(r['model'])).name}: {r['describe']}" for r in rep["results"] if r.get("describe")]
+    out += ["", "| model | batch | median ms/slice | p90 | p95 | p99 | min | max | batch latency ms | slices/s | GFLOP/s | % of matmul peak |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rep["results"]:
         if "error" in r:
             out.append(f"| {Path(str(r['model'])).name} | failed: {r['error']} |||||||||")
@@ -43,11 +46,12 @@ def latency_markdown(rep: dict) -> str:
         for row in r["rows"]:
             s = row["per_slice_ms"]
             pct = 100 * row["gflops"] / peak if row["gflops"] and peak else None
+            lat = (row.get("batch_latency_ms") or {}).get("median")
             out.append(f"| {label(r)} | {row['batch']} | {_f(s['median'])} | {_f(s['p90'])} | {_f(s['p95'])} | {_f(s['p99'])} | "
-                       f"{_f(s['min'])} | {_f(s['max'])} | {_f(row['throughput_slices_s'], 1)} | {_f(row['gflops'], 1)} | {_f(pct, 0)} |")
+                       f"{_f(s['min'])} | {_f(s['max'])} | {_f(lat)} | {_f(row['throughput_slices_s'], 1)} | {_f(row['gflops'], 1)} | {_f(pct, 0)} |")
     out += ["", "## Whole volume, end to end", "",
             "Stage times are each stage's own work (stages overlap in threads, so they need not add up to the wall time). "
-            "'wall / backend alone' divides the wall time by slices x the median per-slice latency at the same batch size.", "",
+            "'wall / backend alone' divides the wall time by slices x the median ms/slice at the same batch size.", "",
             "| model | volume | slices | batch | wall s (median) | ms/slice | read | preprocess | infer | postprocess | write | wall / backend alone | peak RSS MB |",
             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rep["results"]:

@@ -148,7 +148,9 @@ def segment_files(paths: list[Path], backend, out_dir: Path, batch_size: int, sk
 @click.option("--demo", is_flag=True, help="Generate a CT phantom, segment it and print Dice against its ground truth.")
 @click.option("--backend", type=click.Choice(["auto", "onnxruntime", "tensorrt"]), default="auto", show_default=True)
 @click.option("--provider", type=click.Choice(["auto", "cpu", "cuda", "tensorrt"]), default="auto", show_default=True, help="ONNX Runtime execution provider.")
-@click.option("--threads", type=click.IntRange(0), default=0, help="ONNX Runtime intra-op threads (0: all cores).")
+@click.option("--threads", type=click.IntRange(0), default=0, help="ONNX Runtime threads in all (0: all cores), shared by its streams.")
+@click.option("--streams", type=click.IntRange(0), default=0, help="ONNX Runtime on the CPU: batches run at once, each on its own "
+              "threads (0: 2 where there are 2 cores or more; 1: one batch at a time on all threads).")
 @click.option("--batch-size", type=click.IntRange(1), default=None, help="Slices per batch (default: chosen per backend).")
 @click.option("--skip-existing", is_flag=True, help="Skip volumes whose mask and JSON already exist (resume a batch).")
 @click.option("--overlay", is_flag=True, help="Also write <name>_overlay.png with outlines on representative slices.")
@@ -158,7 +160,7 @@ def segment_files(paths: list[Path], backend, out_dir: Path, batch_size: int, sk
 @click.option("--probabilities", is_flag=True, help="Also write <name>_prob.nii.gz: per-class probabilities (4D, input geometry, "
               "uint8 with scale 1/255; before postprocessing).")
 @DEBUG_OPTION
-def cli(inputs, model, out_dir, demo, backend, provider, threads, batch_size, skip_existing, overlay, cuda_graph, no_postprocess, fill_holes,
+def cli(inputs, model, out_dir, demo, backend, provider, threads, streams, batch_size, skip_existing, overlay, cuda_graph, no_postprocess, fill_holes,
         probabilities) -> None:
     """Segment liver and liver tumours in CT volumes (NIfTI), writing <name>_seg.nii.gz
     (uint8: 0 background, 1 liver, 2 tumour; the input's geometry) and <name>.json
@@ -173,7 +175,7 @@ def cli(inputs, model, out_dir, demo, backend, provider, threads, batch_size, sk
     from .models import DEMO_NOTE, demo_model_path, open_backend
 
     if demo:
-        sys.exit(run_demo(model, out_dir, backend, provider, threads, batch_size))
+        sys.exit(run_demo(model, out_dir, backend, provider, threads, batch_size, streams))
     if not inputs:
         raise click.UsageError("give one or more NIfTI files, directories or globs (or --demo)")
     if out_dir is None:
@@ -183,7 +185,7 @@ def cli(inputs, model, out_dir, demo, backend, provider, threads, batch_size, sk
         model = demo_model_path()
         click.echo(f"note: no --model given; using the embedded demo model: {DEMO_NOTE}", err=True)
     check_output_dir(out_dir)
-    with open_backend(model, backend, provider, threads, cuda_graph=cuda_graph) as be:
+    with open_backend(model, backend, provider, threads, cuda_graph=cuda_graph, streams=streams) as be:
         bs = batch_size or be.default_batch
         click.echo(f"backend: {be.describe()}, batch {bs} (--backend {backend} chose {be.name})", err=True)
         results = segment_files(paths, be, out_dir, bs, skip_existing, not no_postprocess, fill_holes, overlay,
@@ -194,7 +196,7 @@ def cli(inputs, model, out_dir, demo, backend, provider, threads, batch_size, sk
         sys.exit(EXIT_FAILED)
 
 
-def run_demo(model, out_dir, backend, provider, threads, batch_size) -> int:
+def run_demo(model, out_dir, backend, provider, threads, batch_size, streams: int = 0) -> int:
     """Segment a generated phantom (not one the demo model was trained on) and score it."""
     import numpy as np
 
@@ -212,7 +214,7 @@ def run_demo(model, out_dir, backend, provider, threads, batch_size) -> int:
     write_nifti(img, out / "phantom.nii.gz")
     write_nifti(seg, out / "phantom_truth.nii.gz")
     click.echo(f"note: {DEMO_NOTE}")
-    with open_backend(model, backend, provider, threads) as be:
+    with open_backend(model, backend, provider, threads, streams=streams) as be:
         bs = batch_size or be.default_batch
         click.echo(f"backend: {be.describe()}, batch {bs}")
         res = segment_files([out / "phantom.nii.gz"], be, out, bs, overlay=True)

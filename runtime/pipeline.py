@@ -61,8 +61,9 @@ def segment_canonical(
 ) -> np.ndarray:
     """Canonical HU volume -> uint8 labels on the same grid, preprocessing in a producer thread.
 
-    With a ``backend``, batches go through its submit/collect, keeping one batch in flight
-    while the next is enqueued (double buffering on TensorRT); otherwise ``infer`` is called.
+    With a ``backend``, batches go through its submit/collect with up to ``backend.in_flight``
+    batches running at once (TensorRT's double buffering, ONNX Runtime's CPU streams);
+    otherwise ``infer`` is called.
     With ``probabilities`` (a (C, slices, rows, cols) uint8 array), it is filled with the
     class probabilities x 255. With an ``arrival`` (a volume still being read), each batch
     waits for its slices, and batches run in the order the slices arrive.
@@ -76,6 +77,7 @@ def segment_canonical(
     n = volume.shape[0]
     submit = backend.submit if backend is not None else infer
     collect = backend.collect if backend is not None else (lambda token: token)
+    in_flight = max(1, backend.in_flight) if backend is not None else 1
 
     batcher = SliceBatcher(volume, spacing, pre, grid)
 
@@ -113,8 +115,8 @@ def segment_canonical(
     placing = ThreadPoolExecutor(max_workers=1, thread_name_prefix="postprocess")
     placed: deque[Future] = deque()
 
-    def finish(pending) -> None:
-        start, count, token = pending
+    def finish(job) -> None:
+        start, count, token = job
         with _Timer(t, "infer"):
             logits = collect(token)
         while len(placed) >= 2:
@@ -123,7 +125,7 @@ def segment_canonical(
 
     producer = threading.Thread(target=produce, name="preprocess", daemon=True)
     producer.start()
-    pending = None
+    pending: deque = deque()
     try:
         while True:
             item = q.get()
@@ -134,11 +136,11 @@ def segment_canonical(
             start, batch = item
             with _Timer(t, "infer"):
                 token = submit(batch)
-            if pending is not None:
-                finish(pending)
-            pending = (start, len(batch), token)
-        if pending is not None:
-            finish(pending)
+            pending.append((start, len(batch), token))
+            while len(pending) >= in_flight:  # keep in_flight - 1 batches running while the next is prepared
+                finish(pending.popleft())
+        while pending:
+            finish(pending.popleft())
         while placed:
             placed.popleft().result()
     finally:

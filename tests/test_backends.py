@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import threading
 
 import numpy as np
 import pytest
@@ -134,6 +135,45 @@ def test_onnxruntime_backend_lifecycle(tmp_path):
         assert logits.shape == (2, 3, 64, 64) and logits.dtype == np.float32
         assert (logits[:, 1, :32] > 0).all() and (logits[:, 1, 32:] < 0).all()
     assert not be.is_active
+
+
+@pytest.mark.parametrize("streams, threads, cores, planned", [
+    (0, 0, 2, (2, 1)),  # the default on 2 cores: two batches at once, one thread each
+    (0, 0, 1, (1, 0)),  # one core: one batch at a time, ONNX Runtime's own thread count
+    (0, 0, 16, (2, 8)),
+    (0, 6, 16, (2, 3)),  # --threads is the total, shared by the streams
+    (3, 2, 2, (3, 1)),  # never fewer than one thread a stream
+    (1, 4, 16, (1, 4)),
+])
+def test_cpu_streams_share_the_threads(streams, threads, cores, planned):
+    from runtime.backends.onnxrt import plan_streams
+
+    assert plan_streams(streams, threads, cores) == planned
+
+
+def test_onnxruntime_streams_run_batches_at_once_and_collect_in_order(tmp_path):
+    model = threshold_model(tmp_path / "m.onnx")
+    xs = [np.full((2, 1, 64, 64), v, np.float32) for v in (0.2, 0.9, 0.4)]
+    with open_backend(model, streams=2) as be:
+        assert be.in_flight == 2 and "2 streams of 1 thread" in be.describe()
+        expected = [be.infer(x) for x in xs]
+        # both submitted batches must be inside the model together, or the barrier breaks
+        meet, real = threading.Barrier(2, timeout=10), be.infer_impl
+
+        def meeting(batch):
+            meet.wait()
+            return real(batch)
+
+        be.infer_impl = meeting
+        tokens = [be.submit(x) for x in xs[:2]]
+        got = [be.collect(t) for t in tokens]
+        be.infer_impl = real
+        got.append(be.collect(be.submit(xs[2])))
+        for g, e in zip(got, expected):
+            np.testing.assert_array_equal(g, e)
+    assert not [th for th in threading.enumerate() if th.name.startswith("ort-stream")]
+    with open_backend(model, streams=1) as be:
+        assert be.in_flight == 1 and "streams" not in be.describe()
 
 
 @pytest.mark.gpu

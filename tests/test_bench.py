@@ -61,7 +61,9 @@ LAT = {
     "machine": {"cpu": "Test CPU", "cores": 2, "os": "x", "versions": {}},
     "results": [
         {"model": "a.onnx", "backend": "onnxruntime", "precision": "fp32", "peak_rss_mb": 300.0, "gflop_per_slice": 6.0,
-         "rows": [{"batch": b, "per_slice_ms": summarize([40.0 + b, 41.0 + b, 42.0 + b]), "throughput_slices_s": 1000 / (41 + b), "gflops": 6.0 / ((41 + b) / 1000)} for b in (1, 2, 4)],
+         "describe": "onnxruntime (cpu, 2 streams of 1 thread), fp32",
+         "rows": [{"batch": b, "per_slice_ms": summarize([40.0 + b, 41.0 + b, 42.0 + b]),
+                   "batch_latency_ms": summarize([80.0 * b, 84.0 * b, 86.0 * b]), "throughput_slices_s": 1000 / (41 + b), "gflops": 6.0 / ((41 + b) / 1000)} for b in (1, 2, 4)],
          "volumes": [{"volume": "v.nii.gz", "batch": 4, "slices": 100, "wall_s": summarize([5.0, 5.2, 5.1]),
                       "stages_s": {"read": 0.3, "preprocess": 0.2, "infer": 4.4, "postprocess": 0.1, "write": 0.05}}]},
         {"model": "bad.onnx", "error": "InputError: bad.onnx: no such model file"},
@@ -75,7 +77,9 @@ def test_latency_report_forms(tmp_path):
     table = [ln for ln in lines if ln.startswith("| a.onnx")]
     assert len(table) == 3 + 1  # three batch rows and one volume row
     # samples 41, 42, 43 ms: median 42, p90 42.8 (linear interpolation); 6 GFLOP / 42 ms = 142.9 GFLOP/s = 143% of 100
-    assert "| a.onnx (onnxruntime, fp32) | 1 | 42.00 | 42.80 | 42.90 | 42.98 | 41.00 | 43.00 | 23.8 | 142.9 | 143 |" in md
+    # batch latency: one batch alone (84 ms median at batch 1), beside the per-slice time with batches in flight
+    assert "| a.onnx (onnxruntime, fp32) | 1 | 42.00 | 42.80 | 42.90 | 42.98 | 41.00 | 43.00 | 84.00 | 23.8 | 142.9 | 143 |" in md
+    assert "- a.onnx: onnxruntime (cpu, 2 streams of 1 thread), fp32" in md
     # whole volume: 5.1 s median for 100 slices = 51 ms/slice; backend alone at batch 4: 100 x 45 ms = 4.5 s -> 1.13
     assert "| v.nii.gz | 100 | 4 | 5.10 | 51.0 | 0.30 | 0.20 | 4.40 | 0.10 | 0.05 | 1.13 | 300 |" in md
     assert "failed: InputError" in md

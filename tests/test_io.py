@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import gzip
-import sys
 import os
+import sys
 
 import nibabel as nib
 import numpy as np

@@ -62,14 +62,17 @@ def test_masks_line_up_with_inputs_in_any_orientation(tmp_path, model):
     assert report["liver_ml"] > 0
 
 
-def test_streaming_pipeline_equals_simple_batches(tmp_path, model):
+@pytest.mark.parametrize("streams", [1, 2, 3])
+def test_streaming_pipeline_equals_simple_batches(tmp_path, model, streams):
+    """With any number of batches in flight, every batch lands on its own slices."""
     from runtime.backends.onnxrt import OnnxRuntimeBackend
     from runtime.io import read_volume
     from runtime.pipeline import segment_canonical
     from runtime.preprocess import logits_to_labels, make_batch, slice_grid
 
     vol = read_volume(write_case(tmp_path / "v.nii.gz"))
-    with OnnxRuntimeBackend(model) as be:
+    with OnnxRuntimeBackend(model, streams=streams) as be:
+        assert be.in_flight == streams
         streamed = segment_canonical(vol.data, vol.spacing, be.spec, None, 3, backend=be)
         grid = slice_grid(vol.data.shape[1:], vol.spacing[1:], be.spec.preprocess)
         simple = logits_to_labels(be.infer(make_batch(vol.data, vol.spacing, be.spec.preprocess, 0, vol.num_slices, grid)), grid)
@@ -122,7 +125,7 @@ def test_a_failing_batch_stops_the_pipeline_with_its_error(tmp_path, model, monk
     vol = read_volume(write_case(tmp_path / "v.nii.gz"))
     with OnnxRuntimeBackend(model) as be, pytest.raises(MemoryError, match="batch 2"):
         rp.segment_canonical(vol.data, vol.spacing, be.spec, None, 2, backend=be)
-    assert not [th for th in threading.enumerate() if th.name.startswith(("postprocess", "preprocess"))]
+    assert not [th for th in threading.enumerate() if th.name.startswith(("postprocess", "preprocess", "ort-stream"))]
 
 
 def test_probability_maps_have_the_input_geometry_and_agree_with_the_mask(tmp_path, model):

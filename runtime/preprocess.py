@@ -270,6 +270,8 @@ class SliceBatcher:
             prepped = to_model_grid(self.volume[lo:hi], self.grid, self.pre)
         self._lo, self._prepped = lo, prepped
         idx = context_indices(np.arange(start, stop), n_slices, k) - lo
+        if len(idx) == 1 and idx[0, -1] - idx[0, 0] == 2 * k:  # one slice off the edges: its context is a run of
+            return prepped[idx[0, 0]:idx[0, -1] + 1][None]  # contiguous slices, a view (prepped is never written)
         return prepped[idx]
 
 

@@ -112,7 +112,12 @@ def test_batches_equal_the_whole_volume_and_are_deterministic(rng):
         np.testing.assert_array_equal(whole, np.concatenate([down(s, min(s + size, 11)) for s in reversed(range(0, 11, size))][::-1]))
     batcher = SliceBatcher(vol, (3.0, 1.1, 1.3), Preprocess(size=(32, 48), spacing_mm=2.0, context=2))
     for s in (5, 6, 0, 9, 10, 3):  # out of order, too
-        np.testing.assert_array_equal(batcher(s, s + 1), make_batch(vol, (3.0, 1.1, 1.3), batcher.pre, s, s + 1))
+        got = batcher(s, s + 1)
+        np.testing.assert_array_equal(got, make_batch(vol, (3.0, 1.1, 1.3), batcher.pre, s, s + 1))
+        ctx = context_indices(np.array([s]), 11, 2)[0]  # each slice's context, preprocessed on its own
+        np.testing.assert_array_equal(got[0], to_model_grid(vol[ctx], batcher.grid, batcher.pre))
+        if 2 <= s <= 8:  # off the edges, a single slice's context is a view of the preprocessed run: no copy
+            assert got.flags.c_contiguous and np.shares_memory(got, batcher._prepped)
 
 
 @pytest.mark.parametrize("in_spacing", [0.7, 2.5])

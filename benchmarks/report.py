@@ -149,8 +149,8 @@ def plot_latency(rep: dict, path: Path) -> Path:
         ax.fill_between(b, [row["per_slice_ms"]["min"] for row in r["rows"]], [row["per_slice_ms"]["p90"] for row in r["rows"]], alpha=0.15)
     ax.set_xscale("log", base=2)
     ax.set_xlabel("batch size (slices)")
-    ax.set_ylabel("latency per slice, ms (median; band min-p90)")
-    ax.set_title(f"Inference latency vs batch size - {rep['machine']['cpu']}", fontsize=9)
+    ax.set_ylabel("ms per slice, batches in flight (median; band min-p90)")
+    ax.set_title(f"Inference time per slice vs batch size - {rep['machine']['cpu']}", fontsize=9)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     out = _save(fig, path)
@@ -198,7 +198,7 @@ def plot_dice_vs_latency(parity_rep: dict, latency_rep: dict, path: Path) -> Pat
             if d is not None:
                 ax.scatter(lat[name], d, s=60, color=f"C{i}", label=name)
     for ax, title in zip(axes, ("liver", "tumour")):
-        ax.set_xlabel("best per-slice latency, ms")
+        ax.set_xlabel("best ms per slice")
         ax.set_title(title, fontsize=9)
         ax.grid(alpha=0.3)
         ax.ticklabel_format(axis="y", useOffset=False)

@@ -114,7 +114,7 @@ def test_config_file_keys_and_validation(tmp_path):
     with pytest.raises(InputError, match="--schedule must be one of"):
         TrainConfig(schedule="linear").validate()
     spec = TrainConfig().validate().spec({})
-    assert spec.model == dict(in_channels=3, classes=3, base_width=16, depth=4, norm="batch", bilinear=False)
+    assert spec.model == dict(in_channels=3, classes=3, base_width=24, depth=4, norm="batch", bilinear=False)
     assert spec.preprocess.size == (256, 256) and spec.preprocess.spacing_mm == 1.5
     assert spec.preprocess.window == (-200.0, 250.0) and spec.io.activation == "softmax"
     assert TrainConfig(classes=1).spec({}).io.activation == "sigmoid"

@@ -88,11 +88,11 @@ def _make_fit():
         RUN_DIR/split.json and in the checkpoints' spec). RUN_DIR gets last.pt (resumable),
         best.pt (best eval-mode validation score: mean of liver and tumour per-case Dice),
         metrics.jsonl, curves.png, split.json and config.json. The defaults are the demo
-        edge model: width 16, depth 4, batch norm, 256x256 at 1.5 mm, 3 slices, window
+        edge model: width 24, depth 4, batch norm, 256x256 at 1.5 mm, 3 slices, window
         (-200, 250).
 
         \b
-        Example (the demo model, on 40 phantoms, on a CPU):
+        Example (a short run on 40 phantoms on a CPU; the README has the demo model's recipe):
           seg-train phantoms data/ph40 --cases 40 --seed 0
           seg-train fit data/ph40 --out runs/demo --crop 128 --epochs 30 \\
               --steps-per-epoch 200 --val-every 3 --val-cases 6

@@ -1,6 +1,6 @@
 """Training options as one dataclass (torch-free, so the CLI's --help needs no torch).
 
-The defaults are the demo edge model: base width 16, depth 4, batch norm, 256x256 input at
+The defaults are the demo edge model: base width 24, depth 4, batch norm, 256x256 input at
 1.5 mm, one context slice on each side (3 input channels), window (-200, 250) HU.
 """
 
@@ -72,7 +72,7 @@ class TrainConfig:
     """Every choice of a training run; the CLI options and --config keys are these names."""
 
     # model
-    base_width: int = 16
+    base_width: int = 24
     depth: int = 4
     norm: str = "batch"
     bilinear: bool = False

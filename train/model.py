@@ -59,7 +59,7 @@ class UNet(nn.Module):
     Args:
         in_channels: 1, or 2k+1 for k context slices on each side.
         classes: 3 (background/liver/tumour, softmax) or 1 (binary, sigmoid).
-        base_width: channels of the first level (64 in the paper; 16 for the edge).
+        base_width: channels of the first level (64 in the paper; 16-24 for the edge).
         depth: number of 2x2 max-pool downsamplings (4 in the paper).
         norm: "none", "batch", "instance" or "group".
         bilinear: bilinear upsampling + 1x1 conv instead of 2x2 transposed convolutions.

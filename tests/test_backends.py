@@ -156,6 +156,7 @@ def test_onnxruntime_streams_run_batches_at_once_and_collect_in_order(tmp_path):
     xs = [np.full((2, 1, 64, 64), v, np.float32) for v in (0.2, 0.9, 0.4)]
     with open_backend(model, streams=2) as be:
         assert be.in_flight == 2 and "2 streams of 1 thread" in be.describe()
+        assert be.default_batch == 1  # the streams keep the cores busy with single slices
         expected = [be.infer(x) for x in xs]
         # both submitted batches must be inside the model together, or the barrier breaks
         meet, real = threading.Barrier(2, timeout=10), be.infer_impl
@@ -173,7 +174,7 @@ def test_onnxruntime_streams_run_batches_at_once_and_collect_in_order(tmp_path):
             np.testing.assert_array_equal(g, e)
     assert not [th for th in threading.enumerate() if th.name.startswith("ort-stream")]
     with open_backend(model, streams=1) as be:
-        assert be.in_flight == 1 and "streams" not in be.describe()
+        assert be.in_flight == 1 and "streams" not in be.describe() and be.default_batch == 4
 
 
 @pytest.mark.gpu

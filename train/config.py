@@ -22,6 +22,7 @@ CHOICES = {
     "mode": ("spacing", "resize"),
     "schedule": ("cosine", "step"),
     "device": ("auto", "cpu", "cuda", "mps"),
+    "amp": ("auto", "off", "bf16", "fp16"),
 }
 
 HELP = {
@@ -63,6 +64,8 @@ HELP = {
     "workers": "DataLoader worker processes (0: load in the main process).",
     "cache_volumes": "Preprocessed volumes kept per worker (LRU); ~0.31 MB per slice at 256x256.",
     "device": "auto picks cuda, then mps, then cpu.",
+    "amp": ("Mixed-precision training (validation stays float32). auto: fp16 with loss scaling on CUDA, "
+            "bf16 on a CPU with native bf16 (AVX512-BF16 or AMX), else off."),
     "threads": "torch CPU threads (0: cores / processes on this node).",
 }
 
@@ -114,6 +117,7 @@ class TrainConfig:
     workers: int = DEFAULT_WORKERS
     cache_volumes: int = 64
     device: str = "auto"
+    amp: str = "auto"
     threads: int = 0
 
     def validate(self) -> TrainConfig:

@@ -62,6 +62,29 @@ def select_device(name: str, local_rank: int | None = None) -> torch.device:
     return torch.device(name)
 
 
+def cpu_has_bf16() -> bool:
+    """Whether this CPU runs bf16 matmuls natively; emulated bf16 is slower than float32."""
+    cpu = getattr(torch, "cpu", None)
+    return any(bool(getattr(cpu, name, lambda: False)()) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"))
+
+
+def amp_dtype(amp: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype for --amp on this device (None: float32 throughout)."""
+    if amp == "off" or device.type not in ("cuda", "cpu"):
+        if amp in ("bf16", "fp16") and device.type not in ("cuda", "cpu"):
+            raise InputError(f"--amp {amp} needs a CUDA device or the CPU, not {device.type}; use --amp off")
+        return None
+    if amp == "fp16":
+        if device.type != "cuda":
+            raise InputError("--amp fp16 needs a CUDA device; on the CPU use --amp bf16 or off")
+        return torch.float16
+    if amp == "bf16":
+        return torch.bfloat16
+    if device.type == "cuda":
+        return torch.float16
+    return torch.bfloat16 if cpu_has_bf16() else None
+
+
 def loss_fn(logits: torch.Tensor, target: torch.Tensor, dice_weight: float = 1.0,
             class_weight: torch.Tensor | None = None) -> torch.Tensor:
     """Cross-entropy + soft Dice over the foreground classes, per batch (sigmoid + BCE for one channel).
@@ -273,6 +296,7 @@ def fit(data_dir: str | Path, out_dir: str | Path, cfg: TrainConfig, resume: boo
     cases = load_dataset(data_dir)
     train_cases, val_cases = split_cases(cases, cfg.val_fraction, cfg.seed, cfg.val_cases or None)
     device = select_device(cfg.device, local_rank)
+    autocast = amp_dtype(cfg.amp, device)
     if device.type == "cpu":  # share the cores between the processes of this node
         local_world = int(os.environ.get("LOCAL_WORLD_SIZE", world))
         torch.set_num_threads(cfg.threads or max(1, (os.cpu_count() or 1) // local_world))
@@ -284,6 +308,7 @@ def fit(data_dir: str | Path, out_dir: str | Path, cfg: TrainConfig, resume: boo
 
     provenance = {"dataset": Path(data_dir).resolve().name, "train_cases": [c.name for c in train_cases],
                   "val_cases": [c.name for c in val_cases], "seed": cfg.seed, "torch": torch.__version__,
+                  "amp": str(autocast).removeprefix("torch.") if autocast else "off",
                   "config": asdict(cfg)}
     spec = cfg.spec(provenance)
     model = UNet(**spec.model)
@@ -298,14 +323,15 @@ def fit(data_dir: str | Path, out_dir: str | Path, cfg: TrainConfig, resume: boo
     sampler = SliceSampler(index, cfg.seed, fractions)
     if rank == 0:
         check_run_dir(out, resume)
+        log(f"training on {device}, {provenance['amp'] + ' mixed precision' if autocast else 'float32'}; "
+            "validation in float32")
     ck = load_checkpoint(out / "last.pt") if resume else None
     if ck is not None and (ck.spec.model != spec.model or ck.spec.preprocess != spec.preprocess):
         raise InputError(f"{out / 'last.pt'}: was trained with a different model or preprocessing; "
                          "resume with the same options")
     model.to(device)
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    use_amp = device.type == "cuda"
-    scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
+    scaler = torch.amp.GradScaler(device.type, enabled=autocast == torch.float16)  # bf16 needs no loss scaling
     start_epoch, best, stale = 0, -1.0, 0
     ema = ema_model(model, cfg.ema)
     if ck is not None:
@@ -350,7 +376,7 @@ def fit(data_dir: str | Path, out_dir: str | Path, cfg: TrainConfig, resume: boo
                 group["lr"] = lr_at(cfg, epoch + step / max(1, len(dl)))
             x, y = augment(x, y, gen, **aug)
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-            with torch.autocast(device.type, enabled=use_amp):
+            with torch.autocast(device.type, dtype=autocast, enabled=autocast is not None):
                 logits = net(x)
             loss = loss_fn(logits, y, cfg.dice_weight, class_weight)
             opt.zero_grad(set_to_none=True)

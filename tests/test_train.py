@@ -200,3 +200,30 @@ def test_weight_ema_warms_up_then_averages():
     d = 2 / 11
     assert torch.allclose(ema.module.weight, d * w0 + (1 - d) * (w0 + 1))
     assert not torch.allclose(ema.module.weight, net.weight)
+
+
+def test_amp_resolves_per_device_and_refuses_what_cannot_run(monkeypatch):
+    import train.loop as loop
+
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert loop.amp_dtype("off", cpu) is None and loop.amp_dtype("off", cuda) is None
+    assert loop.amp_dtype("auto", cuda) is torch.float16 and loop.amp_dtype("bf16", cpu) is torch.bfloat16
+    for native, want in ((True, torch.bfloat16), (False, None)):  # emulated bf16 is slower than float32
+        monkeypatch.setattr(loop, "cpu_has_bf16", lambda native=native: native)
+        assert loop.amp_dtype("auto", cpu) is want
+    with pytest.raises(InputError, match="--amp fp16 needs a CUDA device"):
+        loop.amp_dtype("fp16", cpu)
+    with pytest.raises(InputError, match="--amp bf16 needs a CUDA device or the CPU"):
+        loop.amp_dtype("bf16", torch.device("mps"))
+    assert loop.amp_dtype("auto", torch.device("mps")) is None
+
+
+def test_bf16_mixed_precision_learns_and_keeps_float32_weights(tiny_data, tmp_path):
+    cfg = TrainConfig(**{**TINY, "amp": "bf16"}, epochs=6, steps_per_epoch=20, val_every=1, patience=10, lr=3e-3)
+    fit(tiny_data / "train", tmp_path, cfg, log=lambda *a: None)
+    log = read_log(tmp_path / "metrics.jsonl")
+    assert log[-1]["train_loss"] < 0.8 * log[0]["train_loss"]
+    assert max(r["val_liver_dice"] for r in log) >= 0.5
+    best = load_checkpoint(tmp_path / "best.pt")
+    assert best.spec.provenance["amp"] == "bfloat16"
+    assert all(v.dtype == torch.float32 for v in best.state_dict.values() if v.is_floating_point())

@@ -66,7 +66,8 @@ def _volumes(volumes: Path | None, quick: bool, tmp: Path) -> list[str]:
 @click.option("--threads", default=0, type=click.IntRange(0), help="Inference threads (0: all cores).")
 @click.option("--streams", default=0, type=click.IntRange(0), help="ONNX Runtime CPU streams, as seg-run --streams (0: the backend's default).")
 @click.option("--repeats", default=20, show_default=True, type=click.IntRange(1))
-@click.option("--warmup", default=3, show_default=True, type=click.IntRange(0))
+@click.option("--warmup", default=3, show_default=True, type=click.IntRange(0),
+              help="Untimed calls per batch size before timing; with --warmup > 0 they also last at least 1 s.")
 @click.option("--volume-repeats", default=3, show_default=True, type=click.IntRange(1), help="Whole-volume runs per model, the PyTorch baseline included (median reported).")
 @click.option("--volume-batch", type=click.IntRange(1), default=None, help="Batch size for whole volumes (default: the backend's).")
 @click.option("--torch-checkpoint", type=click.Path(path_type=Path), help="Also time the seed-style PyTorch eager baseline on these weights.")

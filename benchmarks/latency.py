@@ -33,14 +33,22 @@ def real_slices(volume_paths: list[Path], spec, n: int = 16) -> np.ndarray:
     return np.concatenate([x] * reps)[:n]
 
 
-def _timed(run, warmup: int, repeats: int) -> list[float]:
-    for _ in range(warmup):
+WARMUP_S = 1.0
+
+
+def _timed(run, warmup: int, repeats: int, warmup_s: float = WARMUP_S, clock=time.perf_counter) -> list[float]:
+    """Seconds per call over ``repeats`` calls, after at least ``warmup`` calls and, when
+    ``warmup`` > 0, at least ``warmup_s`` seconds of them: the first calls of a batch size
+    allocate memory and pick kernels, and a CPU's clock takes a moment to ramp up."""
+    t0, done = clock(), 0
+    while done < warmup or (warmup and clock() - t0 < warmup_s):
         run()
+        done += 1
     times = []
     for _ in range(repeats):
-        t = time.perf_counter()
+        t = clock()
         run()
-        times.append(time.perf_counter() - t)
+        times.append(clock() - t)
     return times
 
 

@@ -149,3 +149,23 @@ def test_score_runs_on_masks_written_by_seg_run(tmp_path, capsys):
     code, out = run_main(cli, ["score", tmp_path / "preds", tmp_path / "data"], capsys, "seg-bench")
     assert code == 0, out
     assert "volume-0" in out and "volume-1" in out and "global (pooled)" in out
+
+
+def test_warmup_lasts_its_calls_and_its_seconds_before_timing():
+    from benchmarks.latency import _timed
+
+    now = [0.0]
+    calls = []
+
+    def clock():
+        return now[0]
+
+    def run():  # each call takes 0.1 s of the fake clock; the first two take 1 s (kernel selection)
+        calls.append(now[0])
+        now[0] += 1.0 if len(calls) <= 2 else 0.1
+
+    times = _timed(run, warmup=3, repeats=4, warmup_s=2.35, clock=clock)
+    assert len(calls) == 6 + 4  # 3 calls reach 2.1 s, three more pass 2.35 s
+    assert times == pytest.approx([0.1] * 4)
+    calls.clear()
+    assert len(_timed(run, warmup=0, repeats=2, warmup_s=2.5, clock=clock)) == 2 and len(calls) == 2  # no warm-up asked

@@ -95,6 +95,22 @@ def test_loss_prefers_correct_logits_for_softmax_and_sigmoid():
     assert loss_fn(g1, y) < 0.05 < loss_fn(torch.zeros_like(g1), y)
 
 
+def test_per_image_dice_weighs_a_missed_small_lesion_as_much_as_a_found_large_one():
+    y = torch.zeros(2, 32, 32, dtype=torch.long)
+    y[:, 2:30, 2:30] = 1
+    y[0, 4:28, 4:28] = 2  # a large lesion, found
+    y[1, 10:12, 10:12] = 2  # a small lesion, missed
+    pred = y.clone()
+    pred[1, 10:12, 10:12] = 1
+    logits = torch.nn.functional.one_hot(pred, 3).permute(0, 3, 1, 2).float() * 10
+    batch, image = loss_fn(logits, y, dice="batch"), loss_fn(logits, y, dice="image")
+    assert batch < 0.05  # the large lesion hides the miss
+    assert image > batch + 0.15  # per image, tumour Dice is about (1 + 0.2) / 2, halved over two classes
+    empty = torch.zeros_like(y)  # no foreground anywhere: Dice costs nothing in either mode
+    zero = torch.nn.functional.one_hot(empty, 3).permute(0, 3, 1, 2).float() * 20
+    assert loss_fn(zero, empty, dice="image") < 1e-3 and loss_fn(zero, empty, dice="batch") < 1e-3
+
+
 def test_lr_schedules_warm_up_and_decay():
     cos = TrainConfig(lr=1e-3, warmup_epochs=1, epochs=10, schedule="cosine")
     assert lr_at(cos, 0.0) < 1e-5 and lr_at(cos, 1.0) == pytest.approx(1e-3)

@@ -23,6 +23,7 @@ CHOICES = {
     "schedule": ("cosine", "step"),
     "device": ("auto", "cpu", "cuda", "mps"),
     "amp": ("auto", "off", "bf16", "fp16"),
+    "dice": ("batch", "image"),
 }
 
 HELP = {
@@ -48,6 +49,8 @@ HELP = {
     "val_every": "Validate every N epochs (and after the last).",
     "patience": "Early stopping: validations without improvement before stopping.",
     "dice_weight": "Weight of the soft Dice term (cross-entropy has weight 1).",
+    "dice": ("Soft Dice over the whole batch, or per image and averaged over the images that contain the class "
+             "(weighs a small lesion as much as a large one; cross-entropy alone then polices the empty slices)."),
     "tumour_weight": "Cross-entropy class weight of tumour (background and liver: 1).",
     "ema": "Decay of an exponential moving average of the weights, validated and saved as best (0: off).",
     "bn_slices": "Whole slices used to re-estimate BatchNorm statistics before each validation (0: off).",
@@ -100,6 +103,7 @@ class TrainConfig:
     val_every: int = 1
     patience: int = 8
     dice_weight: float = 1.0
+    dice: str = "batch"
     tumour_weight: float = 1.0
     ema: float = 0.998  # per step; with a warm-up, so short runs average over their own steps
     bn_slices: int = 256  # whole slices for re-estimating BatchNorm statistics before validation

@@ -82,27 +82,34 @@ def amp_dtype(amp: str, device: torch.device) -> torch.dtype | None:
 
 
 def loss_fn(logits: torch.Tensor, target: torch.Tensor, dice_weight: float = 1.0,
-            class_weight: torch.Tensor | None = None) -> torch.Tensor:
-    """Cross-entropy + soft Dice over the foreground classes, per batch (sigmoid + BCE for one channel).
+            class_weight: torch.Tensor | None = None, dice: str = "batch") -> torch.Tensor:
+    """Cross-entropy + soft Dice over the foreground classes (sigmoid + BCE for one channel).
 
-    The Dice term is the mean over foreground classes of the soft Dice of the whole batch
-    (sums over samples and pixels), with +1 smoothing so an absent class costs nothing.
+    ``dice="batch"``: the soft Dice of the whole batch per class (sums over samples and pixels),
+    with +1 smoothing so an absent class costs nothing. ``dice="image"``: the soft Dice of each
+    image, averaged over the images whose target holds the class, so a small lesion counts as
+    much as a large one; a class absent from the whole batch costs nothing.
     """
     logits = logits.float()
     if logits.shape[1] == 1:
         t = (target >= 1).float()
-        p = torch.sigmoid(logits[:, 0])
         ce = F.binary_cross_entropy_with_logits(logits[:, 0], t)
-        inter, denom = (p * t).sum(), p.sum() + t.sum()
-        return ce + dice_weight * (1 - (2 * inter + 1) / (denom + 1))
-    ce = F.cross_entropy(logits, target, weight=class_weight)
-    prob = logits.softmax(1)
-    onehot = F.one_hot(target, logits.shape[1]).permute(0, 3, 1, 2).float()
-    dims = (0, 2, 3)
-    inter = (prob * onehot).sum(dims)[1:]
-    denom = (prob.sum(dims) + onehot.sum(dims))[1:]
-    dice = (2 * inter + 1) / (denom + 1)
-    return ce + dice_weight * (1 - dice.mean())
+        prob, onehot = torch.sigmoid(logits), t[:, None]
+    else:
+        ce = F.cross_entropy(logits, target, weight=class_weight)
+        prob = logits.softmax(1)[:, 1:]
+        onehot = F.one_hot(target, logits.shape[1]).permute(0, 3, 1, 2)[:, 1:].float()
+    if dice == "batch":
+        inter, denom = (prob * onehot).sum((0, 2, 3)), prob.sum((0, 2, 3)) + onehot.sum((0, 2, 3))
+        score = ((2 * inter + 1) / (denom + 1)).mean()
+    else:
+        inter, denom = (prob * onehot).sum((2, 3)), prob.sum((2, 3)) + onehot.sum((2, 3))
+        present = (onehot.sum((2, 3)) > 0).float()  # (N, C)
+        per_image = (2 * inter + 1) / (denom + 1)
+        n = present.sum(0)
+        per_class = torch.where(n > 0, (per_image * present).sum(0) / n.clamp(min=1), torch.ones_like(n))
+        score = per_class.mean()
+    return ce + dice_weight * (1 - score)
 
 
 def lr_at(cfg: TrainConfig, epoch: float) -> float:
@@ -376,7 +383,7 @@ def fit(data_dir: str | Path, out_dir: str | Path, cfg: TrainConfig, resume: boo
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
             with torch.autocast(device.type, dtype=autocast, enabled=autocast is not None):
                 logits = net(x)
-            loss = loss_fn(logits, y, cfg.dice_weight, class_weight)
+            loss = loss_fn(logits, y, cfg.dice_weight, class_weight, cfg.dice)
             opt.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
             scaler.step(opt)

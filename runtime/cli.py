@@ -66,6 +66,7 @@ def segment_files(paths: list[Path], backend, out_dir: Path, batch_size: int, sk
     )
     from .models import file_sha256
     from .pipeline import Timings, read_ahead, segment_canonical
+    from .postprocess import StreamingComponents
     from .postprocess import postprocess as post
     from .postprocess import volume_stats
 
@@ -94,8 +95,10 @@ def segment_files(paths: list[Path], backend, out_dir: Path, batch_size: int, sk
             vol = opened.result()  # its slices may still be arriving: segmentation follows them
             bar = _bar(vol.num_slices, name, "slice", leave=False)
             prob = np.empty((backend.spec.out_channels, *vol.data.shape), np.uint8) if probabilities else None
-            labels = segment_canonical(vol.data, vol.spacing, backend.spec, None, batch_size, t, progress=bar.update, backend=backend,
-                                       probabilities=prob, arrival=vol.arrival)
+            labels = np.empty(vol.data.shape, np.uint8)
+            components = StreamingComponents(labels) if postprocess else None  # labelled while inference goes on
+            segment_canonical(vol.data, vol.spacing, backend.spec, None, batch_size, t, progress=bar.update, backend=backend,
+                              probabilities=prob, arrival=vol.arrival, out=labels, on_final=components.add if components else None)
             bar.close()
             read_s, read_began = done.result()  # a stream that fails its final checksum stops here, before any output
             t.add("read", read_s)
@@ -104,7 +107,7 @@ def segment_files(paths: list[Path], backend, out_dir: Path, batch_size: int, sk
                 echo(f"warning: {p}: {warning}", err=True)
             s = time.perf_counter()
             if postprocess:
-                labels = post(labels, holes=holes, inplace=True)
+                labels = post(labels, holes=holes, inplace=True, components=components)
             stats = volume_stats(labels, vol.spacing)
             t.add("postprocess", time.perf_counter() - s)
             s = time.perf_counter()

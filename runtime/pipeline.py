@@ -58,26 +58,29 @@ def segment_canonical(
     volume: np.ndarray, spacing: tuple[float, float, float], spec: ModelSpec, infer: Callable[[np.ndarray], np.ndarray] | None,
     batch_size: int, timings: Timings | None = None, progress: Callable[[int], None] | None = None, queue_depth: int = 3,
     backend=None, probabilities: np.ndarray | None = None, arrival: Arrival | None = None,
+    out: np.ndarray | None = None, on_final: Callable[[int, int], None] | None = None,
 ) -> np.ndarray:
     """Canonical HU volume -> uint8 labels on the same grid, preprocessing in a producer thread.
 
     With a ``backend``, batches go through its submit/collect with up to ``backend.in_flight``
-    batches running at once (TensorRT's double buffering, ONNX Runtime's CPU streams);
-    otherwise ``infer`` is called.
+    batches running at once (TensorRT's double buffering, ONNX Runtime's CPU streams) and
+    ``backend.queued`` more waiting for a free stream; otherwise ``infer`` is called.
     With ``probabilities`` (a (C, slices, rows, cols) uint8 array), it is filled with the
     class probabilities x 255. With an ``arrival`` (a volume still being read), each batch
-    waits for its slices, and batches run in the order the slices arrive.
+    waits for its slices, and batches run in the order the slices arrive. ``out`` (uint8, the
+    volume's shape) receives the labels if given; ``on_final(start, stop)`` is called once those
+    slices' labels are final (runtime.postprocess.StreamingComponents.add labels them then).
     """
     t = timings or Timings()
     pre = spec.preprocess
     grid = slice_grid(volume.shape[1:], spacing[1:], pre)
-    out = np.empty(volume.shape, dtype=np.uint8)
+    out = np.empty(volume.shape, dtype=np.uint8) if out is None else out
     q: queue.Queue = queue.Queue(maxsize=queue_depth)
     stop = threading.Event()
     n = volume.shape[0]
     submit = backend.submit if backend is not None else infer
     collect = backend.collect if backend is not None else (lambda token: token)
-    in_flight = max(1, backend.in_flight) if backend is not None else 1
+    in_flight = max(1, backend.in_flight) + backend.queued if backend is not None else 1
 
     batcher = SliceBatcher(volume, spacing, pre, grid)
 
@@ -106,6 +109,9 @@ def segment_canonical(
             out[start:start + count] = logits_to_labels(logits, grid, spec.io.activation)
             if probabilities is not None:
                 probabilities[:, start:start + count] = logits_to_probabilities(logits, grid, spec.io.activation)
+        if on_final:
+            with _Timer(t, "postprocess"):
+                on_final(start, start + count)
         t.slices += count
         if progress:
             progress(count)
@@ -137,7 +143,7 @@ def segment_canonical(
             with _Timer(t, "infer"):
                 token = submit(batch)
             pending.append((start, len(batch), token))
-            while len(pending) >= in_flight:  # keep in_flight - 1 batches running while the next is prepared
+            while len(pending) >= in_flight:  # keep the rest running while the next is prepared
                 finish(pending.popleft())
         while pending:
             finish(pending.popleft())

@@ -40,6 +40,113 @@ def largest_component(mask: np.ndarray, connectivity: int = 1) -> np.ndarray:
     return out
 
 
+class StreamingComponents:
+    """The largest 3D component of ``labels >= 1``, labelled run by run while the slices arrive.
+
+    The pipeline fills the label volume a batch at a time. Each run of ``chunk`` consecutive
+    finished slices is labelled as soon as it is complete (in the thread that placed it, while
+    inference goes on), so at the end only the last slices and the seams between runs are left
+    and the largest-component step no longer waits for the whole volume. The result is
+    identical to ``largest_component(labels >= 1)``, ties included (the component that comes
+    first in raster order wins, as with ``ndimage.label``). Face connectivity.
+    """
+
+    def __init__(self, labels: np.ndarray, chunk: int = 16):
+        self.labels, self.chunk = labels, max(1, chunk)
+        self._free = np.zeros(labels.shape[0], bool)  # final slices not yet in a labelled run
+        self._runs: list[tuple[int, int, tuple[slice, slice], np.ndarray, np.ndarray]] = []  # z0, z1, box, labels, sizes
+        self._seams: list[tuple[int, int, np.ndarray]] = []  # lower run, upper run, touching (lower, upper) local labels
+        self._structure = ndimage.generate_binary_structure(3, 1)
+
+    def add(self, start: int, stop: int) -> None:
+        """Slices [start, stop) of ``labels`` are final: label the complete runs of ``chunk`` slices they make."""
+        self._free[start:stop] = True
+        lo, hi = start, stop
+        while lo > 0 and self._free[lo - 1]:
+            lo -= 1
+        while hi < len(self._free) and self._free[hi]:
+            hi += 1
+        if start - lo < stop - hi:  # growing upwards: cut runs from the bottom, else from the top
+            while hi - lo >= self.chunk:
+                self._label(lo, lo + self.chunk)
+                lo += self.chunk
+        else:
+            while hi - lo >= self.chunk:
+                self._label(hi - self.chunk, hi)
+                hi -= self.chunk
+
+    def _label(self, z0: int, z1: int) -> None:
+        self._free[z0:z1] = False
+        mask = self.labels[z0:z1] >= 1
+        box = _bbox(mask)
+        if box is None:
+            return
+        lab, n = ndimage.label(mask[box], structure=self._structure)
+        run = (z0 + box[0].start, z0 + box[0].stop, box[1:], lab, np.bincount(lab.ravel(), minlength=n + 1))
+        self._runs.append(run)
+        for i, other in enumerate(self._runs[:-1]):  # the seams with runs labelled before, while inference goes on
+            if other[1] == run[0]:
+                self._seams.append((i, len(self._runs) - 1, _touching(other, run)))
+            elif run[1] == other[0]:
+                self._seams.append((len(self._runs) - 1, i, _touching(run, other)))
+
+    def largest(self, box: tuple[slice, ...]) -> np.ndarray:
+        """The largest component inside ``box`` (which holds all of the foreground), as a boolean array of its shape."""
+        edges = np.flatnonzero(np.diff(np.concatenate([[0], self._free.view(np.int8), [0]])))
+        for lo, hi in zip(edges[::2].tolist(), edges[1::2].tolist()):  # what is left: runs shorter than chunk
+            self._label(lo, hi)
+        out = np.zeros(tuple(s.stop - s.start for s in box), bool)
+        if not self._runs:
+            return out
+        order = sorted(range(len(self._runs)), key=lambda i: self._runs[i][0])
+        runs = [self._runs[i] for i in order]
+        offsets = np.cumsum([0] + [len(r[4]) - 1 for r in runs])  # global id = offset + local label: raster order
+        offset_of = {i: int(offsets[k]) for k, i in enumerate(order)}
+        parent = np.arange(offsets[-1] + 1)
+
+        def find(i: int) -> int:
+            while parent[i] != i:
+                parent[i] = parent[parent[i]]
+                i = parent[i]
+            return i
+
+        for lower, upper, pairs in self._seams:
+            for u, v in (pairs + [offset_of[lower], offset_of[upper]]).tolist():
+                ru, rv = find(u), find(v)
+                if ru != rv:
+                    parent[max(ru, rv)] = min(ru, rv)  # a component's root is its first id in raster order
+        roots = np.array([find(i) for i in range(len(parent))])
+        sizes = np.concatenate([[0]] + [r[4][1:] for r in runs])
+        totals = np.bincount(roots[1:], weights=sizes[1:], minlength=len(parent))
+        best = int(np.argmax(totals))  # of equal sizes, the smallest root: the first in raster order
+        for r, o in zip(runs, offsets):
+            keep = np.flatnonzero(roots[o + 1:o + len(r[4])] == best) + 1
+            if not len(keep):
+                continue
+            dst = out[r[0] - box[0].start:r[1] - box[0].start, r[2][0].start - box[1].start:r[2][0].stop - box[1].start,
+                      r[2][1].start - box[2].start:r[2][1].stop - box[2].start]
+            if len(keep) == 1:
+                np.equal(r[3], keep[0], out=dst)
+            else:
+                lut = np.zeros(len(r[4]), bool)
+                lut[keep] = True
+                dst[...] = lut[r[3]]
+        return out
+
+
+def _touching(a: tuple, b: tuple) -> np.ndarray:
+    """(k, 2) distinct pairs of local labels (a's last slice, b's first slice) that touch face to face."""
+    rows = slice(max(a[2][0].start, b[2][0].start), min(a[2][0].stop, b[2][0].stop))
+    cols = slice(max(a[2][1].start, b[2][1].start), min(a[2][1].stop, b[2][1].stop))
+    if rows.stop <= rows.start or cols.stop <= cols.start:
+        return np.zeros((0, 2), np.int64)
+    last = a[3][-1, rows.start - a[2][0].start:rows.stop - a[2][0].start, cols.start - a[2][1].start:cols.stop - a[2][1].start]
+    first = b[3][0, rows.start - b[2][0].start:rows.stop - b[2][0].start, cols.start - b[2][1].start:cols.stop - b[2][1].start]
+    touch = (last > 0) & (first > 0)
+    keys = np.unique(last[touch].astype(np.int64) * len(b[4]) + first[touch])
+    return np.stack([keys // len(b[4]), keys % len(b[4])], 1)
+
+
 def fill_holes(mask: np.ndarray) -> np.ndarray:
     """Fill holes slice by slice (axial): a 3D fill misses holes that open to another slice."""
     out = mask.copy()
@@ -51,13 +158,15 @@ def fill_holes(mask: np.ndarray) -> np.ndarray:
     return out
 
 
-def postprocess(labels: np.ndarray, keep_largest: bool = True, holes: bool = False, inplace: bool = False) -> np.ndarray:
+def postprocess(labels: np.ndarray, keep_largest: bool = True, holes: bool = False, inplace: bool = False,
+                components: StreamingComponents | None = None) -> np.ndarray:
     """Largest connected liver region (label >= 1); tumour only inside it; optional hole filling.
 
     Works inside the bounding box of the foreground: outside it everything is background, and
     a full-volume pass costs more than all the rest on a 512x512 volume. ``inplace`` rewrites
     ``labels`` itself, sparing a fresh volume-sized array (its first touch alone costs as much
-    as the labelling).
+    as the labelling). ``components``, fed while ``labels`` was filled, has most of the
+    labelling done already.
     """
     out = labels if inplace else labels.copy()
     box = _bbox(out)
@@ -65,7 +174,7 @@ def postprocess(labels: np.ndarray, keep_largest: bool = True, holes: bool = Fal
         return out
     sub = out[box]  # a view: edits land in out
     liver = sub >= 1
-    kept = largest_component(liver) if keep_largest else liver
+    kept = liver if not keep_largest else components.largest(box) if components is not None else largest_component(liver)
     if holes:
         kept = fill_holes(kept)
         sub[...] = kept.view(np.uint8) + (kept & (sub == 2))

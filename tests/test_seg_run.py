@@ -79,6 +79,51 @@ def test_streaming_pipeline_equals_simple_batches(tmp_path, model, streams):
     np.testing.assert_array_equal(streamed, simple)
 
 
+def test_pipeline_keeps_a_batch_queued_behind_the_cpu_streams(tmp_path, model):
+    """A stream that finishes must find the next batch waiting, not idle until the oldest is collected."""
+    from runtime.backends.onnxrt import OnnxRuntimeBackend
+    from runtime.io import read_volume
+    from runtime.pipeline import segment_canonical
+
+    vol = read_volume(write_case(tmp_path / "v.nii.gz"))
+    with OnnxRuntimeBackend(model, streams=2) as be:
+        assert be.queued == 1
+        outstanding, most = [0], [0]
+        submit, collect = be.submit, be.collect
+
+        def counting_submit(batch):
+            outstanding[0] += 1
+            most[0] = max(most[0], outstanding[0])
+            return submit(batch)
+
+        def counting_collect(token):
+            outstanding[0] -= 1
+            return collect(token)
+
+        be.submit, be.collect = counting_submit, counting_collect
+        segment_canonical(vol.data, vol.spacing, be.spec, None, 1, backend=be)
+    assert most[0] == be.in_flight + be.queued == 3 and outstanding[0] == 0
+
+
+def test_components_labelled_during_inference_give_the_usual_postprocessing(tmp_path, model):
+    from runtime.backends.onnxrt import OnnxRuntimeBackend
+    from runtime.cli import segment_files
+    from runtime.io import read_volume
+    from runtime.pipeline import segment_canonical
+    from runtime.postprocess import postprocess
+
+    src = write_case(tmp_path / "v.nii.gz", seed=5)
+    vol = read_volume(src)
+    with OnnxRuntimeBackend(model, streams=2) as be:
+        raw = segment_canonical(vol.data, vol.spacing, be.spec, None, 1, backend=be)
+        (tmp_path / "out").mkdir()
+        report = segment_files([src], be, tmp_path / "out", 1, echo=lambda *a, **k: None)[src]
+    mask = np.asarray(nib.load(report["mask"]).dataobj)
+    reference = postprocess(raw)
+    assert (raw >= 1).sum() > (reference >= 1).sum() > 0  # the threshold model finds more than the liver
+    np.testing.assert_array_equal(vol.to_file_layout(reference), mask)
+
+
 def test_wall_time_counts_the_read_once(tmp_path, model, monkeypatch):
     """A volume's wall time spans its read and everything after it, and nothing twice."""
     import time

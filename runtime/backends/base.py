@@ -24,7 +24,8 @@ class Backend:
         self.max_batch: int | None = None  # None: no limit
         self.default_batch = 4
         self.input_dtype = np.float32
-        self.in_flight = 1  # batches submitted before the oldest must be collected
+        self.in_flight = 1  # batches that run at once
+        self.queued = 0  # further batches the pipeline may submit ahead, waiting for a free stream
         self.provider = ""
 
     # the lifecycle --------------------------------------------------------------------

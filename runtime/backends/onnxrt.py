@@ -134,9 +134,9 @@ class OnnxRuntimeBackend(Backend):
         self.default_batch = 16 if provider != "cpu" else 1 if streams > 1 else 4
         self._in, self._out = self.spec.io.input_name, self.spec.io.output_name
         self.in_flight, self.threads_per_stream = streams, per_stream
-        # one batch queued behind the streams: a stream that finishes takes it at once instead
-        # of idling until the pipeline has collected the oldest batch and submitted the next
-        self.queued = 1 if streams > 1 else 0
+        # a batch queued behind each stream: a stream that finishes takes the next at once
+        # instead of idling until the pipeline has collected the oldest batch and submitted one
+        self.queued = streams if streams > 1 else 0
         if streams > 1:
             self._pool = ThreadPoolExecutor(max_workers=streams, thread_name_prefix="ort-stream")
 

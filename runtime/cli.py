@@ -66,9 +66,8 @@ def segment_files(paths: list[Path], backend, out_dir: Path, batch_size: int, sk
     )
     from .models import file_sha256
     from .pipeline import Timings, read_ahead, segment_canonical
-    from .postprocess import StreamingComponents
+    from .postprocess import StreamingComponents, volume_stats
     from .postprocess import postprocess as post
-    from .postprocess import volume_stats
 
     results: dict[Path, dict | str] = {}
     model_hash = file_sha256(backend.path) if getattr(backend, "path", None) else None

@@ -5,8 +5,8 @@ each slice preprocessed once) into a bounded queue while the backend infers; ano
 brings each batch's logits back to the scan's grid and argmaxes them straight into a
 preallocated uint8 mask (and can hand the finished slices on, for example to label connected
 components while inference goes on), so peak memory is the volume, its mask and a few
-batches, never slices x classes x full-resolution logits. Across volumes, the next volume is read while
-the current one is inferred, postprocessed and written.
+batches, never slices x classes x full-resolution logits. Across volumes, the next volume is
+read while the current one is inferred, postprocessed and written.
 """
 
 from __future__ import annotations

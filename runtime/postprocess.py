@@ -173,8 +173,12 @@ def postprocess(labels: np.ndarray, keep_largest: bool = True, holes: bool = Fal
     if box is None:
         return out
     sub = out[box]  # a view: edits land in out
-    liver = sub >= 1
-    kept = liver if not keep_largest else components.largest(box) if components is not None else largest_component(liver)
+    if not keep_largest:
+        kept = sub >= 1
+    elif components is not None:
+        kept = components.largest(box)
+    else:
+        kept = largest_component(sub >= 1)
     if holes:
         kept = fill_holes(kept)
         sub[...] = kept.view(np.uint8) + (kept & (sub == 2))

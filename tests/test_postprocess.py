@@ -1,9 +1,14 @@
 import numpy as np
 import pytest
-
 from scipy import ndimage
 
-from runtime.postprocess import StreamingComponents, fill_holes, largest_component, postprocess, volume_stats
+from runtime.postprocess import (
+    StreamingComponents,
+    fill_holes,
+    largest_component,
+    postprocess,
+    volume_stats,
+)
 
 
 def test_only_the_largest_liver_component_survives_and_tumour_stays_inside_it():

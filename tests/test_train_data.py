@@ -13,7 +13,15 @@ from runtime.datasets import Case, load_dataset  # noqa: E402
 from runtime.errors import InputError  # noqa: E402
 from tests.conftest import TINY  # noqa: E402
 from train.config import TrainConfig  # noqa: E402
-from train.data import CaseIndex, SliceDataset, SliceSampler, augment, index_cases, split_cases  # noqa: E402
+from train.data import (  # noqa: E402
+    CaseIndex,
+    SliceDataset,
+    SliceSampler,
+    augment,
+    elastic_field,
+    index_cases,
+    split_cases,
+)
 from train.loop import loss_fn, lr_at  # noqa: E402
 
 
@@ -80,6 +88,30 @@ def test_augmentation_keeps_the_patients_right_on_the_right():
     centre = [(cols * (m >= 1).float().sum(0)).sum() / (m >= 1).sum() for m in ya]
     assert min(centre) > 40  # the original centre is 49.5; a flip would put it at 13.5
     assert not torch.equal(xa, x)
+
+
+def test_elastic_field_is_smooth_and_bounded_in_pixels():
+    h, w = 192, 160  # a training crop's size: 5 control points are 40-48 px apart
+    f = elastic_field(16, (h, w), 5.0, torch.Generator().manual_seed(0))
+    assert f.shape == (16, h, w, 2)
+    px = f * torch.tensor([w / 2.0, h / 2.0])  # [-1, 1] units back to pixels (x, y)
+    assert 2.0 < px.abs().max() <= 5.0 + 1e-4
+    # neighbours move together (well under a pixel apart): it bends, never folds or tears
+    assert (px[:, 1:] - px[:, :-1]).abs().max() < 0.4 and (px[:, :, 1:] - px[:, :, :-1]).abs().max() < 0.4
+
+
+def test_elastic_augmentation_bends_outlines_and_is_off_by_default():
+    x = torch.zeros(8, 1, 64, 64)
+    y = torch.zeros(8, 64, 64, dtype=torch.long)
+    y[:, 16:48, 16:48] = 1
+    x[y[:, None] == 1] = 0.6
+    still = dict(rotate_deg=0.0, scale=(1.0, 1.0), shift=0.0, intensity=0.0, noise=0.0)
+    _, same = augment(x, y, torch.Generator().manual_seed(0), **still)
+    assert torch.equal(same, y)
+    xa, ya = augment(x, y, torch.Generator().manual_seed(0), elastic=4.0, **still)
+    moved = (ya != y).float().mean(dim=(1, 2))
+    assert (moved > 0).sum() >= 4 and moved.max() < 0.15  # outlines move, the square stays a square-ish blob
+    assert ((xa[:, 0] > 0.3) == (ya == 1)).float().mean() > 0.98  # image and labels move together
 
 
 def test_loss_prefers_correct_logits_for_softmax_and_sigmoid():

@@ -61,6 +61,7 @@ HELP = {
     "shift": "Augmentation: maximum translation (fraction of the crop).",
     "intensity": "Augmentation: gain jitter (+-) of the [0, 1] input; offset jitter is half of it.",
     "noise": "Augmentation: maximum Gaussian noise std on the [0, 1] input.",
+    "elastic": "Augmentation: maximum elastic displacement in pixels of the model grid (0: off).",
     "val_fraction": "Fraction of cases held out for validation (split by case).",
     "val_cases": "Number of validation cases (overrides --val-fraction when > 0).",
     "seed": "Seed of the split, the slice draws, crops, augmentation and initial weights.",
@@ -115,6 +116,7 @@ class TrainConfig:
     shift: float = 0.05
     intensity: float = 0.1
     noise: float = 0.015
+    elastic: float = 0.0
     # data
     val_fraction: float = 0.2
     val_cases: int = 0
@@ -136,7 +138,8 @@ class TrainConfig:
         for name in positive:
             if getattr(self, name) < 1:
                 raise InputError(f"--{name.replace('_', '-')} must be >= 1; got {getattr(self, name)}")
-        for name in ("crop", "warmup_epochs", "val_cases", "workers", "threads", "bn_slices", "context"):
+        for name in ("crop", "warmup_epochs", "val_cases", "workers", "threads", "bn_slices", "context",
+                     "rotate_deg", "scale_range", "shift", "intensity", "noise", "elastic"):
             if getattr(self, name) < 0:
                 raise InputError(f"--{name.replace('_', '-')} must be >= 0; got {getattr(self, name)}")
         if self.cache_volumes < 1:

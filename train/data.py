@@ -179,8 +179,9 @@ def _crop(x: np.ndarray, y: np.ndarray, size: int, purpose: int, rng: np.random.
 
 
 def augment(x: torch.Tensor, y: torch.Tensor, gen: torch.Generator, rotate_deg: float = 12.0,
-            scale=(0.85, 1.15), shift: float = 0.05, intensity: float = 0.1, noise: float = 0.015):
-    """Batch augmentation: rotation, scaling, translation, intensity jitter and noise.
+            scale=(0.85, 1.15), shift: float = 0.05, intensity: float = 0.1, noise: float = 0.015,
+            elastic: float = 0.0):
+    """Batch augmentation: rotation, scaling, translation, elastic deformation, intensity jitter and noise.
 
     No left-right (or front-back) flips: the liver lies on the patient's right (and
     anterior), so a flipped slice is anatomy that does not occur, and the side is
@@ -188,6 +189,9 @@ def augment(x: torch.Tensor, y: torch.Tensor, gen: torch.Generator, rotate_deg: 
     with a std up to ``noise`` (on the [0, 1] windowed scale: 0.015 is ~7 HU at the default
     window), kept small because CT noise already hides low-contrast tumours. Labels are resampled with nearest
     neighbour, images bilinearly; padding is 0 (air after windowing) and background.
+    ``elastic`` > 0 adds a smooth displacement field, up to that many pixels per sample,
+    interpolated from a 5x5 grid of random offsets: it bends organ and lesion outlines, which
+    the affine part cannot (0 draws no random numbers, so earlier seeds replay unchanged).
     """
     n = x.shape[0]
     u = lambda *s: torch.rand(*s, generator=gen)  # noqa: E731
@@ -200,12 +204,24 @@ def augment(x: torch.Tensor, y: torch.Tensor, gen: torch.Generator, rotate_deg: 
     theta[:, 1, 1] = torch.cos(ang) / sc
     theta[:, :, 2] = (u(n, 2) * 2 - 1) * shift * 2
     grid = torch.nn.functional.affine_grid(theta, list(x.shape), align_corners=False)
+    if elastic > 0:
+        grid = grid + elastic_field(n, x.shape[-2:], elastic, gen)
     x = torch.nn.functional.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
     y = torch.nn.functional.grid_sample(y[:, None].float(), grid, mode="nearest", padding_mode="zeros", align_corners=False)[:, 0].long()
     gain = 1 + (u(n, 1, 1, 1) * 2 - 1) * intensity
     bias = (u(n, 1, 1, 1) * 2 - 1) * intensity * 0.5
     x = x * gain + bias + torch.randn(x.shape, generator=gen) * (u(n, 1, 1, 1) * noise)
     return x, y
+
+
+def elastic_field(n: int, shape, max_px: float, gen: torch.Generator, points: int = 5) -> torch.Tensor:
+    """(n, H, W, 2) smooth displacements in grid_sample's [-1, 1] units, at most ``max_px`` pixels."""
+    h, w = int(shape[0]), int(shape[1])
+    coarse = torch.rand(n, 2, points, points, generator=gen) * 2 - 1
+    amp = torch.rand(n, 1, 1, 1, generator=gen) * max_px
+    field = torch.nn.functional.interpolate(coarse, size=(h, w), mode="bicubic", align_corners=True).clamp_(-1, 1) * amp
+    field = field * torch.tensor([2.0 / w, 2.0 / h]).view(1, 2, 1, 1)  # pixels -> [-1, 1] units (x, y)
+    return field.permute(0, 2, 3, 1)
 
 
 def write_split(path, train: list[Case], val: list[Case], seed: int) -> None:

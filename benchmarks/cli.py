@@ -35,8 +35,6 @@ def _ints(text: str) -> list[int]:
 
 
 def _volumes(volumes: Path | None, quick: bool, tmp: Path) -> list[str]:
-    from runtime.io import is_nifti
-
     if volumes is None:
         from runtime.io import write_nifti
         from runtime.phantoms import make_phantom, phantom_images
@@ -46,13 +44,9 @@ def _volumes(volumes: Path | None, quick: bool, tmp: Path) -> list[str]:
         return [str(tmp / "phantom.nii.gz")]
     if volumes.is_file():
         return [str(volumes)]
-    from runtime.datasets import discover
+    from runtime.datasets import images_in
 
-    try:
-        cases, _ = discover(volumes, require_labels=False)
-        paths = [str(c.image) for c in cases]
-    except InputError:
-        paths = sorted(str(p) for p in volumes.iterdir() if is_nifti(p))
+    paths = [str(p) for p in images_in(volumes)]
     if not paths:
         raise InputError(f"{volumes}: no NIfTI volumes found")
     return paths[:1] if quick else paths

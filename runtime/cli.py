@@ -16,14 +16,15 @@ from .errors import InputError, SegError
 
 
 def expand_inputs(inputs: tuple[str, ...]) -> list[Path]:
-    """Files, directories (their .nii/.nii.gz files) and glob patterns, in a stable order."""
-    from .io import is_nifti
+    """Files, directories (their CT images: label maps of a LiTS or Decathlon dataset are left out)
+    and glob patterns, in a stable order."""
+    from .datasets import images_in
 
     paths: list[Path] = []
     for item in inputs:
         p = Path(item)
         if p.is_dir():
-            found = sorted(q for q in p.iterdir() if is_nifti(q) and not q.name.startswith("."))
+            found = images_in(p)
             if not found:
                 raise InputError(f"{p}: directory holds no .nii or .nii.gz files")
             paths += found

@@ -74,6 +74,18 @@ def discover(root: str | Path, require_labels: bool = True) -> tuple[list[Case],
     return cases, bad
 
 
+def images_in(root: str | Path) -> list[Path]:
+    """The CT images of a folder, in natural order: Decathlon's imagesTr, or the folder's NIfTI
+    files without the LiTS label maps (segmentation-K beside volume-K), which are not CT."""
+    root = Path(root)
+    if (root / "imagesTr").is_dir():
+        root = root / "imagesTr"
+    files = [p for p in root.iterdir() if is_nifti(p) and not p.name.startswith(".")]
+    vols = {int(m.group(1)) for p in files if (m := _LITS_VOL.match(p.name))}
+    files = [p for p in files if not ((m := _LITS_SEG.match(p.name)) and int(m.group(1)) in vols)]
+    return sorted(files, key=lambda p: _natural_key(p.name))
+
+
 def _strip(name: str) -> str:
     return re.sub(r"\.nii(\.gz)?$", "", name)
 

@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from runtime.datasets import check_case, discover, load_dataset
+from runtime.datasets import check_case, discover, images_in, load_dataset
 from runtime.errors import InputError
 from tests.conftest import save_nifti
 
@@ -29,6 +29,20 @@ def test_decathlon_layout_is_found(tmp_path):
     save_nifti(tmp_path / "labelsTr" / "liver_3.nii.gz", np.zeros((8, 8, 4), np.uint8), AFF)
     cases, bad = discover(tmp_path)
     assert [c.name for c in cases] == ["liver_3"] and not bad
+
+
+def test_images_of_a_dataset_folder_leave_out_its_label_maps(tmp_path):
+    for k in (10, 2):
+        _pair(tmp_path, f"volume-{k}.nii.gz", f"segmentation-{k}.nii.gz")
+    _pair(tmp_path, "segmentation-7.nii.gz", None)  # no volume-7: a CT that happens to be named so
+    _pair(tmp_path, "patient.nii", None)
+    assert [p.name for p in images_in(tmp_path)] == ["patient.nii", "segmentation-7.nii.gz", "volume-2.nii.gz", "volume-10.nii.gz"]
+    dec = tmp_path / "msd"
+    (dec / "imagesTr").mkdir(parents=True)
+    (dec / "labelsTr").mkdir()
+    _pair(dec / "imagesTr", "liver_3.nii.gz", None)
+    _pair(dec / "labelsTr", "liver_3.nii.gz", None)
+    assert images_in(dec) == [dec / "imagesTr" / "liver_3.nii.gz"]
 
 
 def test_every_bad_pair_is_reported_with_its_reason(tmp_path):

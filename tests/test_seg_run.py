@@ -207,6 +207,16 @@ def test_batch_with_bad_files_reports_each_and_writes_the_good_ones(tmp_path, mo
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["good.json", "good_seg.nii.gz"]
 
 
+def test_a_lits_dataset_folder_segments_its_volumes_not_its_label_maps(tmp_path, model):
+    d = tmp_path / "lits"
+    d.mkdir()
+    write_case(d / "volume-0.nii.gz")
+    write_nifti(phantom_images(make_phantom(3, 0, size=64, slices=16))[1], d / "segmentation-0.nii.gz")
+    r = run(d, "--model", model, "-o", tmp_path / "out")
+    assert r.exit_code == 0, r.output
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["volume-0.json", "volume-0_seg.nii.gz"]
+
+
 def test_skip_existing_continues_an_interrupted_batch(tmp_path, model):
     d = tmp_path / "in"
     d.mkdir()

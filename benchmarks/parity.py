@@ -11,7 +11,7 @@ import numpy as np
 
 from runtime.datasets import discover
 from runtime.errors import InputError, SegError
-from runtime.io import case_name, is_nifti, read_labels, read_volume
+from runtime.io import case_name, nifti_files, read_labels, read_volume
 from runtime.metrics import case_metrics, dice, summarize
 from runtime.postprocess import postprocess
 from runtime.preprocess import SliceBatcher, logits_to_labels, slice_grid
@@ -139,7 +139,7 @@ def label_files(label_dir: str | Path) -> dict[str, tuple[str, Path]]:
             return {_key(c.name): (c.name, c.label) for c in cases}
     except InputError:
         pass
-    files = {_key(case_name(p)): (case_name(p), p) for p in root.iterdir() if is_nifti(p) and not p.name.startswith(".")}
+    files = {_key(case_name(p)): (case_name(p), p) for p in nifti_files(root)}
     if not files:
         raise InputError(f"{root}: no label files found")
     return files
@@ -150,7 +150,7 @@ def score(pred_dir: str | Path, label_dir: str | Path) -> dict:
     root = Path(pred_dir)
     if not root.is_dir():
         raise InputError(f"{root}: not a directory of predictions")
-    preds = {_key(case_name(p)): p for p in root.iterdir() if is_nifti(p) and not p.name.startswith(".")}
+    preds = {_key(case_name(p)): p for p in nifti_files(root)}
     labels = label_files(label_dir)
     per_case, problems = {}, []
     for key in sorted(set(preds) | set(labels)):

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import InputError
-from .io import is_nifti, load_image
+from .io import load_image, nifti_files
 
 _LITS_VOL = re.compile(r"^volume-(\d+)\.nii(\.gz)?$")
 _LITS_SEG = re.compile(r"^segmentation-(\d+)\.nii(\.gz)?$")
@@ -50,8 +50,8 @@ def discover(root: str | Path, require_labels: bool = True) -> tuple[list[Case],
         raise InputError(f"{root}: not a directory; point to a folder of cases (LiTS or Decathlon layout)")
     if (root / "imagesTr").is_dir():
         cases, bad = _pair(
-            {_strip(p.name): p for p in (root / "imagesTr").iterdir() if is_nifti(p) and not p.name.startswith(".")},
-            {_strip(p.name): p for p in (root / "labelsTr").iterdir() if is_nifti(p) and not p.name.startswith(".")}
+            {_strip(p.name): p for p in nifti_files(root / "imagesTr")},
+            {_strip(p.name): p for p in nifti_files(root / "labelsTr")}
             if (root / "labelsTr").is_dir() else {},
             require_labels,
         )
@@ -66,7 +66,7 @@ def discover(root: str | Path, require_labels: bool = True) -> tuple[list[Case],
         cases, bad = _pair(vols, segs, require_labels)
         layout = "LiTS (volume-K / segmentation-K)"
     if not cases:
-        others = sorted(p.name for p in root.iterdir() if is_nifti(p))[:3]
+        others = sorted(p.name for p in nifti_files(root))[:3]
         hint = f"; found other NIfTI files such as {others}" if others else ""
         raise InputError(
             f"{root}: no labelled cases found; expected the {layout} layout{hint}"
@@ -80,7 +80,7 @@ def images_in(root: str | Path) -> list[Path]:
     root = Path(root)
     if (root / "imagesTr").is_dir():
         root = root / "imagesTr"
-    files = [p for p in root.iterdir() if is_nifti(p) and not p.name.startswith(".")]
+    files = nifti_files(root)
     vols = {int(m.group(1)) for p in files if (m := _LITS_VOL.match(p.name))}
     files = [p for p in files if not ((m := _LITS_SEG.match(p.name)) and int(m.group(1)) in vols)]
     return sorted(files, key=lambda p: _natural_key(p.name))

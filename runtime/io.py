@@ -94,6 +94,11 @@ def is_nifti(path: str | os.PathLike) -> bool:
     return str(path).endswith(NIFTI_SUFFIXES)
 
 
+def nifti_files(folder: str | os.PathLike) -> list[Path]:
+    """The NIfTI files of a folder, unsorted; hidden ones (such as macOS ._ copies) left out."""
+    return [p for p in Path(folder).iterdir() if is_nifti(p) and not p.name.startswith(".")]
+
+
 def case_name(path: str | os.PathLike) -> str:
     """File name without .nii/.nii.gz."""
     name = Path(path).name

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import click
@@ -135,30 +136,15 @@ def evaluate(checkpoint: Path, data_dir: Path, out_json: Path | None, batch_size
     """
     from runtime.datasets import load_dataset
     from runtime.io import write_json_atomic
-    from runtime.metrics import case_metrics, format_table, summarize
+    from runtime.metrics import format_table, summarize
 
     from .checkpoint import load_checkpoint
-    from .loop import select_device
+    from .loop import evaluate_cases, place, select_device
 
     ck = load_checkpoint(checkpoint)
     cases = load_dataset(data_dir)
     dev = select_device(device)
-    model = ck.model().to(dev)
-    import torch
-
-    from runtime.inference import predict_labels
-    from runtime.io import read_labels, read_volume
-    from runtime.postprocess import postprocess
-
-    @torch.inference_mode()
-    def infer(x):
-        return model(torch.from_numpy(x).to(dev)).float().cpu().numpy()
-
-    per_case = {}
-    for c in cases:
-        vol = read_volume(c.image)
-        pred = postprocess(predict_labels(vol.data, vol.spacing, ck.spec, infer, batch_size))
-        per_case[c.name] = case_metrics(pred, read_labels(c.label).data, vol.spacing)
+    per_case = evaluate_cases(place(ck.model(), dev), ck.spec, cases, dev, batch_size, progress=sys.stderr.isatty(), surface=True)
     summary = summarize(per_case)
     click.echo(format_table(per_case, summary))
     if out_json:

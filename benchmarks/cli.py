@@ -21,6 +21,7 @@ def cli() -> None:
       seg-bench latency model.onnx model.int8.onnx --volumes data/heldout
       seg-bench parity model.onnx model.fp16.onnx model.int8.onnx --data data/heldout
       seg-bench score predictions/ labels/
+      seg-bench train-step --width 16,24,32
     """
 
 
@@ -30,7 +31,7 @@ def _ints(text: str) -> list[int]:
     except ValueError:
         raise click.BadParameter("give comma-separated integers, e.g. 1,2,4,8") from None
     if not vals or min(vals) < 1:
-        raise click.BadParameter("batch sizes must be >= 1")
+        raise click.BadParameter("every value must be >= 1")
     return vals
 
 
@@ -180,6 +181,38 @@ def _precision(model: str) -> str:
         return spec.precision + (f" ({tgt})" if tgt else "")
     except Exception:
         return "?"
+
+
+@cli.command("train-step")
+@click.option("--width", "widths", default="24,32", show_default=True, help="UNet base widths to time, comma-separated.")
+@click.option("--depth", default=4, show_default=True, type=click.IntRange(1))
+@click.option("--batch", default=8, show_default=True, type=click.IntRange(1), help="Crops per step.")
+@click.option("--crop", default=192, show_default=True, type=click.IntRange(8), help="Crop size in pixels.")
+@click.option("--context", default=1, show_default=True, type=click.IntRange(0), help="Neighbouring slices each side (2k+1 channels).")
+@click.option("--repeats", default=10, show_default=True, type=click.IntRange(1), help="Timed steps per width and layout.")
+@click.option("--warmup", default=2, show_default=True, type=click.IntRange(0))
+@click.option("--threads", default=0, type=click.IntRange(0), help="Torch threads (0: torch's default).")
+@click.option("--device", default="cpu", show_default=True, help="cpu, cuda, mps or auto.")
+@click.option("-o", "--out", "out_dir", type=click.Path(path_type=Path), default=Path("bench-train-step"), show_default=True)
+def train_step(widths, depth, batch, crop, context, repeats, warmup, threads, device, out_dir) -> None:
+    """Time seg-train's training step (forward, loss, backward, Adam) per UNet width, with the
+    weights in the default and in the channels-last layout (what seg-train uses on CPU and
+    CUDA), to see what a width costs to train here; JSON, Markdown, plot. Needs the train extra.
+
+    \b
+    Example:
+      seg-bench train-step --width 16,24,32 --batch 8 --crop 192 -o reports/train-step
+    """
+    from .report import envelope, write_reports
+    from .train_step import measure_train_steps, plot_train_steps, train_step_markdown
+
+    res = measure_train_steps(_ints(widths), depth=depth, batch=batch, crop=crop, channels=2 * context + 1,
+                              warmup=warmup, repeats=repeats, threads=threads, device=device)
+    rep = envelope("train-step", res)
+    md = train_step_markdown(rep)
+    write_reports(out_dir, "train_step", rep, md, [(lambda p: plot_train_steps(rep, p), "train_step.png")])
+    click.echo(md)
+    click.echo(f"reports in {out_dir}")
 
 
 @cli.command()

@@ -169,3 +169,27 @@ def test_warmup_lasts_its_calls_and_its_seconds_before_timing():
     assert times == pytest.approx([0.1] * 4)
     calls.clear()
     assert len(_timed(run, warmup=0, repeats=2, warmup_s=2.5, clock=clock)) == 2 and len(calls) == 2  # no warm-up asked
+
+
+def test_train_step_layouts_learn_the_same_and_report_their_ratio(tmp_path, capsys):
+    pytest.importorskip("torch")
+    code, out = run_main(cli, ["train-step", "--width", "4", "--depth", "2", "--batch", "2", "--crop", "32",
+                               "--repeats", "4", "--warmup", "1", "-o", tmp_path / "ts"], capsys, "seg-bench")
+    assert code == 0, out
+    rep = json.loads((tmp_path / "ts" / "train_step.json").read_text())
+    assert rep["kind"] == "train-step" and {r["layout"] for r in rep["rows"]} == {"contiguous", "channels_last"}
+    a, b = (r["losses"] for r in rep["rows"])
+    assert len(a) == len(b) == 5
+    assert np.allclose(a, b, rtol=1e-4), (a, b)  # same weights, same batch: the layout must not change the maths
+    assert a[-1] < a[0]  # five Adam steps on one batch lower its loss
+    assert all(r["step_s"]["n"] == 4 and r["step_s"]["median"] > 0 for r in rep["rows"])
+    assert "| 4 | channels_last |" in out and "x |" in out
+    assert (tmp_path / "ts" / "train_step.png").stat().st_size > 1000
+
+
+def test_train_step_rejects_a_crop_the_unet_cannot_take(tmp_path, capsys):
+    pytest.importorskip("torch")
+    code, out = run_main(cli, ["train-step", "--width", "4", "--depth", "3", "--crop", "60", "-o", tmp_path / "ts"],
+                         capsys, "seg-bench")
+    assert code != 0 and "use 64x64" in out and "Traceback" not in out
+    assert not (tmp_path / "ts").exists()

@@ -39,6 +39,16 @@ def test_split_is_by_case_seeded_and_needs_two_cases():
         split_cases(_cases(1), 0.2, seed=0)
 
 
+def test_split_seed_keeps_the_split_when_the_seed_changes():
+    def split(**kw):
+        return split_cases(_cases(40), 0.2, TrainConfig(**kw).validate().split_seed_value, val_cases=6)
+
+    assert split(seed=1) != split(seed=0)  # by default the seed also draws the split
+    assert split(seed=1, split_seed=0) == split(seed=0) == split(seed=7, split_seed=0)
+    with pytest.raises(InputError, match="--split-seed must be >= 0, or -1"):
+        TrainConfig(split_seed=-2).validate()
+
+
 def _index():
     liver = np.arange(10, 30)
     return [CaseIndex("a", 40, liver, np.arange(15, 18)), CaseIndex("b", 40, liver, np.array([], int)),

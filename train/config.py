@@ -65,6 +65,8 @@ HELP = {
     "val_fraction": "Fraction of cases held out for validation (split by case).",
     "val_cases": "Number of validation cases (overrides --val-fraction when > 0).",
     "seed": "Seed of the split, the slice draws, crops, augmentation and initial weights.",
+    "split_seed": ("Seed of the train/validation split alone (-1: --seed), so that runs with different --seed "
+                   "values are validated on the same cases."),
     "workers": "DataLoader worker processes (0: load in the main process).",
     "cache_volumes": "Preprocessed volumes kept per worker (LRU); ~0.31 MB per slice at 256x256.",
     "device": "auto picks cuda, then mps, then cpu.",
@@ -121,6 +123,7 @@ class TrainConfig:
     val_fraction: float = 0.2
     val_cases: int = 0
     seed: int = 0
+    split_seed: int = -1
     workers: int = DEFAULT_WORKERS
     cache_volumes: int = 64
     device: str = "auto"
@@ -142,6 +145,8 @@ class TrainConfig:
                      "rotate_deg", "scale_range", "shift", "intensity", "noise", "elastic"):
             if getattr(self, name) < 0:
                 raise InputError(f"--{name.replace('_', '-')} must be >= 0; got {getattr(self, name)}")
+        if self.split_seed < -1:
+            raise InputError(f"--split-seed must be >= 0, or -1 to use --seed; got {self.split_seed}")
         if self.cache_volumes < 1:
             raise InputError(f"--cache-volumes must be >= 1; got {self.cache_volumes}")
         if not (0 <= self.tumour_oversampling and 0 <= self.liver_oversampling
@@ -158,6 +163,11 @@ class TrainConfig:
         if self.crop > self.size:
             raise InputError(f"--crop {self.crop} is larger than the model input --size {self.size}")
         return self
+
+    @property
+    def split_seed_value(self) -> int:
+        """The seed that splits the cases: --split-seed, or --seed when it is -1."""
+        return self.seed if self.split_seed < 0 else self.split_seed
 
     def spec(self, provenance: dict) -> ModelSpec:
         pre = Preprocess(window=(self.window_low, self.window_high), mode=self.mode, spacing_mm=self.spacing_mm,

@@ -305,7 +305,7 @@ def fit(data_dir: str | Path, out_dir: str | Path, cfg: TrainConfig, resume: boo
     out = Path(out_dir)
     progress = sys.stderr.isatty() and rank == 0
     cases = load_dataset(data_dir)
-    train_cases, val_cases = split_cases(cases, cfg.val_fraction, cfg.seed, cfg.val_cases or None)
+    train_cases, val_cases = split_cases(cases, cfg.val_fraction, cfg.split_seed_value, cfg.val_cases or None)
     device = select_device(cfg.device, local_rank)
     autocast = amp_dtype(cfg.amp, device)
     if device.type == "cpu":  # share the cores between the processes of this node
@@ -318,7 +318,7 @@ def fit(data_dir: str | Path, out_dir: str | Path, cfg: TrainConfig, resume: boo
     random.seed(cfg.seed)
 
     provenance = {"dataset": Path(data_dir).resolve().name, "train_cases": [c.name for c in train_cases],
-                  "val_cases": [c.name for c in val_cases], "seed": cfg.seed, "torch": torch.__version__,
+                  "val_cases": [c.name for c in val_cases], "seed": cfg.seed, "split_seed": cfg.split_seed_value, "torch": torch.__version__,
                   "amp": str(autocast).removeprefix("torch.") if autocast else "off",
                   "config": asdict(cfg)}
     spec = cfg.spec(provenance)
@@ -365,7 +365,7 @@ def fit(data_dir: str | Path, out_dir: str | Path, cfg: TrainConfig, resume: boo
     if world > 1:
         net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     if rank == 0:
-        write_split(out / "split.json", train_cases, val_cases, cfg.seed)
+        write_split(out / "split.json", train_cases, val_cases, cfg.split_seed_value)
         write_bytes_atomic(out / "config.json", json.dumps(asdict(cfg), indent=2).encode())
 
     per_epoch = cfg.steps_per_epoch * cfg.batch_size

@@ -65,6 +65,10 @@ def test_resume_continues_the_log_and_matches_an_uninterrupted_run(tiny_data, tm
     fit(tiny_data / "train", tmp_path / "a", TrainConfig(**cfg, epochs=3), resume=True, log=lambda *a: None)
     fit(tiny_data / "train", tmp_path / "b", TrainConfig(**cfg, epochs=3), log=lambda *a: None)
     assert [r["epoch"] for r in read_log(tmp_path / "a" / "metrics.jsonl")] == [1, 2, 3]
+    before = (tmp_path / "a" / "last.pt").read_bytes()
+    with pytest.raises(InputError, match="was validated on volume-2; resume with the same --seed, --split-seed"):
+        fit(tiny_data / "train", tmp_path / "a", TrainConfig(**cfg, epochs=4, split_seed=1), resume=True, log=lambda *a: None)
+    assert (tmp_path / "a" / "last.pt").read_bytes() == before
     a, b = load_checkpoint(tmp_path / "a" / "last.pt"), load_checkpoint(tmp_path / "b" / "last.pt")
     assert a.extra["epoch"] == b.extra["epoch"] == 3
     for k in a.state_dict:

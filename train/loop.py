@@ -342,6 +342,9 @@ def fit(data_dir: str | Path, out_dir: str | Path, cfg: TrainConfig, resume: boo
     if ck is not None and (ck.spec.model != spec.model or ck.spec.preprocess != spec.preprocess):
         raise InputError(f"{out / 'last.pt'}: was trained with a different model or preprocessing; "
                          "resume with the same options")
+    if ck is not None and ck.spec.provenance.get("val_cases") not in (None, provenance["val_cases"]):
+        raise InputError(f"{out / 'last.pt'}: was validated on {', '.join(ck.spec.provenance['val_cases'])}; resume "
+                         "with the same --seed, --split-seed and --val-cases")
     place(model, device)
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     scaler = torch.amp.GradScaler(device.type, enabled=autocast == torch.float16)  # bf16 needs no loss scaling

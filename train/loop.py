@@ -318,7 +318,8 @@ def fit(data_dir: str | Path, out_dir: str | Path, cfg: TrainConfig, resume: boo
     random.seed(cfg.seed)
 
     provenance = {"dataset": Path(data_dir).resolve().name, "train_cases": [c.name for c in train_cases],
-                  "val_cases": [c.name for c in val_cases], "seed": cfg.seed, "split_seed": cfg.split_seed_value, "torch": torch.__version__,
+                  "val_cases": [c.name for c in val_cases], "seed": cfg.seed, "split_seed": cfg.split_seed_value,
+                  "torch": torch.__version__,
                   "amp": str(autocast).removeprefix("torch.") if autocast else "off",
                   "config": asdict(cfg)}
     spec = cfg.spec(provenance)
@@ -339,12 +340,13 @@ def fit(data_dir: str | Path, out_dir: str | Path, cfg: TrainConfig, resume: boo
         if autocast == torch.bfloat16 and device.type == "cpu" and not cpu_has_bf16():
             log("warning: this CPU has no native bf16 (AVX512-BF16 or AMX): --amp bf16 will be slower than --amp off")
     ck = load_checkpoint(out / "last.pt") if resume else None
-    if ck is not None and (ck.spec.model != spec.model or ck.spec.preprocess != spec.preprocess):
-        raise InputError(f"{out / 'last.pt'}: was trained with a different model or preprocessing; "
-                         "resume with the same options")
-    if ck is not None and ck.spec.provenance.get("val_cases") not in (None, provenance["val_cases"]):
-        raise InputError(f"{out / 'last.pt'}: was validated on {', '.join(ck.spec.provenance['val_cases'])}; resume "
-                         "with the same --seed, --split-seed and --val-cases")
+    if ck is not None:
+        if ck.spec.model != spec.model or ck.spec.preprocess != spec.preprocess:
+            raise InputError(f"{out / 'last.pt'}: was trained with a different model or preprocessing; "
+                             "resume with the same options")
+        if ck.spec.provenance.get("val_cases") not in (None, provenance["val_cases"]):
+            raise InputError(f"{out / 'last.pt'}: was validated on {', '.join(ck.spec.provenance['val_cases'])}; "
+                             "resume with the same --seed, --split-seed and --val-cases")
     place(model, device)
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     scaler = torch.amp.GradScaler(device.type, enabled=autocast == torch.float16)  # bf16 needs no loss scaling

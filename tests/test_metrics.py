@@ -13,6 +13,7 @@ from runtime.metrics import (
     hd95,
     jaccard,
     markdown_table,
+    paired_dice,
     rvd,
     summarize,
     surface_distances,
@@ -134,3 +135,41 @@ def test_tables_show_every_case_and_the_summary_rows():
     lines = md.splitlines()
     assert lines[0].startswith("| case |") and len(lines) == 2 + 2 + 2
     assert all(line.count("|") == lines[0].count("|") for line in lines)
+
+
+def _cases(tumour_dice: dict[str, float | None], fp: tuple[str, ...] = ()) -> dict[str, dict]:
+    """Per-case metrics as case_metrics gives them, for the fields paired_dice reads; None = no tumour in the reference."""
+    def one(d, name):
+        ref = 0 if d is None else 100
+        pred = 7 if name in fp else (0 if d is None else 90)
+        return {"liver": {"dice": 0.95, "ref_voxels": 1000, "pred_voxels": 990},
+                "tumor": {"dice": (0.0 if pred else None) if d is None else d, "ref_voxels": ref, "pred_voxels": pred}}
+    return {n: one(d, n) for n, d in tumour_dice.items()}
+
+
+def test_paired_dice_tells_a_consistent_gain_from_case_noise():
+    base = _cases({"a": 0.5, "b": 0.6, "c": 0.7, "d": 0.8, "e": 0.4, "f": 0.65})
+    gain = _cases({"a": 0.6, "b": 0.7, "c": 0.78, "d": 0.78, "e": 0.52, "f": 0.75})
+    r = paired_dice(base, gain)
+    assert r["mean_diff"] == pytest.approx((0.1 + 0.1 + 0.08 - 0.02 + 0.12 + 0.1) / 6)
+    assert (r["better"], r["worse"], r["same"]) == (5, 1, 0)
+    assert 0 < r["ci95"][0] < r["mean_diff"] < r["ci95"][1]
+    noise = _cases({"a": 0.8, "b": 0.3, "c": 0.95, "d": 0.55, "e": 0.7, "f": 0.4})  # a similar mean, case by case at random
+    lo, hi = paired_dice(base, noise)["ci95"]
+    assert lo < 0 < hi
+    assert paired_dice(base, base)["same"] == 6 and paired_dice(base, base)["ci95"] == [0.0, 0.0]
+
+
+def test_paired_dice_counts_tumour_free_cases_as_false_positives_and_checks_the_labels():
+    base = _cases({"a": 0.5, "b": 0.6, "clean": None, "x": 0.7})
+    other = _cases({"a": 0.6, "b": 0.6, "clean": None, "y": 0.1}, fp=("clean",))
+    r = paired_dice(base, other)
+    assert r["cases"] == ["a", "b"] and r["mean_other"] == pytest.approx(0.6)  # the false positive's Dice 0 is not paired
+    assert r["cases_without"] == 1 and r["false_positive_cases"] == [0, 1]
+    assert r["only_base"] == ["x"] and r["only_other"] == ["y"]
+    relabelled = _cases({"a": 0.6, "b": 0.6})
+    relabelled["a"]["tumor"]["ref_voxels"] = 55
+    with pytest.raises(ValueError, match="a has different reference labels"):
+        paired_dice(base, relabelled)
+    with pytest.raises(ValueError, match="no case holds a tumor"):
+        paired_dice(_cases({"clean": None}), _cases({"clean": None}))

@@ -190,6 +190,27 @@ def test_evaluate_writes_per_case_and_global_json(tiny_run, tiny_data, tmp_path,
     assert m["summary"]["liver"]["dice_global"] is not None
 
 
+def test_compare_pairs_evaluate_files_by_case(tiny_run, tiny_data, tmp_path, capsys):
+    """seg-train compare reads what seg-train evaluate writes; a run that is better on every case shows it."""
+    out, _ = tiny_run
+    code, text = run_main(cli, ["evaluate", out / "best.pt", tiny_data / "heldout", "--out", tmp_path / "a.json"], capsys, "seg-train")
+    assert code == 0, text
+    a = json.loads((tmp_path / "a.json").read_text())
+    for m in a["per_case"].values():
+        m["liver"]["dice"] = (m["liver"]["dice"] + 1) / 2  # halfway to perfect on every case
+    (tmp_path / "b.json").write_text(json.dumps(a))
+    code, text = run_main(cli, ["compare", tmp_path / "a.json", tmp_path / "b.json", "--structure", "liver",
+                                "--out", tmp_path / "c.json"], capsys, "seg-train")
+    assert code == 0, text
+    assert "better on 2, worse on 0" in text and "volume-50" in text and "mean of 2" in text
+    c = json.loads((tmp_path / "c.json").read_text())["comparisons"][str(tmp_path / "b.json")]
+    assert c["mean_diff"] > 0 and c["ci95"][0] > 0
+    (tmp_path / "cfg.json").write_text('{"epochs": 2}')
+    _one_line_error(*run_main(cli, ["compare", tmp_path / "a.json", tmp_path / "cfg.json"], capsys, "seg-train"),
+                    "not a metrics file of seg-train evaluate")
+    _one_line_error(*run_main(cli, ["compare", tmp_path / "a.json", tmp_path / "gone.json"], capsys, "seg-train"), "no such file")
+
+
 def test_weight_ema_warms_up_then_averages():
     from train.loop import ema_model
 

@@ -153,12 +153,16 @@ def _rows(per_case: dict[str, dict], summary: dict) -> tuple[list[str], list[lis
     return header, rows
 
 
-def format_table(per_case: dict[str, dict], summary: dict) -> str:
-    """A plain-text table for the terminal."""
-    header, rows = _rows(per_case, summary)
+def text_table(header: list[str], rows: list[list[str]]) -> str:
+    """Left-aligned columns with a rule under the header, for the terminal."""
     widths = [max(len(r[i]) for r in [header] + rows) for i in range(len(header))]
     line = lambda r: "  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip()  # noqa: E731
     return "\n".join([line(header), line(["-" * w for w in widths])] + [line(r) for r in rows])
+
+
+def format_table(per_case: dict[str, dict], summary: dict) -> str:
+    """The LiTS metric table of a set of cases, for the terminal."""
+    return text_table(*_rows(per_case, summary))
 
 
 def markdown_table(per_case: dict[str, dict], summary: dict) -> str:

@@ -193,7 +193,7 @@ def compare(base: Path, others: tuple[Path, ...], structure: str, out_json: Path
       seg-train compare a.json b.json
     """
     from runtime.io import write_json_atomic
-    from runtime.metrics import paired_dice
+    from runtime.metrics import paired_dice, text_table
 
     ref = _read_metrics(base)
     runs = {str(p): _read_metrics(p) for p in others}
@@ -202,15 +202,11 @@ def compare(base: Path, others: tuple[Path, ...], structure: str, out_json: Path
     except ValueError as exc:
         raise InputError(f"nothing to compare: {exc} (were they evaluated on the same data?)") from None
     cases = [c for c in ref if all(c in r["cases"] for r in results.values())]
-    labels = [str(base), *results]
     files = [ref, *runs.values()]
     rows = [[c, *(f"{m[c][structure]['dice']:.4f}" for m in files)] for c in cases]
     if cases:
         rows.append([f"mean of {len(cases)}", *(f"{sum(m[c][structure]['dice'] for c in cases) / len(cases):.4f}" for m in files)])
-    header = [f"{structure} Dice", *labels]
-    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
-    for r in [header, ["-" * w for w in widths], *rows]:
-        click.echo("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
+    click.echo(text_table([f"{structure} Dice", str(base), *results], rows))
     for name, r in results.items():
         lo, hi = r["ci95"]
         click.echo(f"{name} - {base}: {r['mean_diff']:+.4f} mean per-case {structure} Dice over {len(r['cases'])} cases "

@@ -124,6 +124,26 @@ def test_elastic_augmentation_bends_outlines_and_is_off_by_default():
     assert ((xa[:, 0] > 0.3) == (ya == 1)).float().mean() > 0.98  # image and labels move together
 
 
+def test_liver_shift_moves_liver_and_tumour_together_and_nothing_else():
+    x = torch.full((16, 3, 64, 64), 0.3)
+    y = torch.zeros(16, 64, 64, dtype=torch.long)
+    y[:, 16:48, 16:48] = 1
+    y[:, 28:36, 28:36] = 2
+    x[:, :, 16:48, 16:48] = 0.55
+    x[:, :, 28:36, 28:36] = 0.5  # a lesion 0.05 below the liver
+    still = dict(rotate_deg=0.0, scale=(1.0, 1.0), shift=0.0, noise=0.0)
+    plain, _ = augment(x, y, torch.Generator().manual_seed(0), **still)
+    xa, ya = augment(x, y, torch.Generator().manual_seed(0), liver_shift=0.08, **still)
+    assert torch.equal(ya, y)
+    delta = xa - plain
+    assert torch.equal(delta[:, :, :8], torch.zeros_like(delta[:, :, :8]))  # tissue away from the liver stays put
+    inner = delta[:, :, 20:44, 20:44]  # liver and lesion, away from the soft edge
+    per_sample = inner.mean(dim=(1, 2, 3))
+    assert torch.allclose(inner, per_sample.view(-1, 1, 1, 1).expand_as(inner), atol=1e-6)  # contrast kept
+    assert per_sample.abs().max() <= 0.08 * 1.1 + 1e-6 and per_sample.std() > 0.02  # bounded, varies by sample
+    assert (per_sample > 0).any() and (per_sample < 0).any()
+
+
 def test_loss_prefers_correct_logits_for_softmax_and_sigmoid():
     y = torch.zeros(2, 16, 16, dtype=torch.long)
     y[:, 4:12, 4:12] = 1

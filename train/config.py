@@ -62,6 +62,8 @@ HELP = {
     "intensity": "Augmentation: gain jitter (+-) of the [0, 1] input; offset jitter is half of it.",
     "noise": "Augmentation: maximum Gaussian noise std on the [0, 1] input.",
     "elastic": "Augmentation: maximum elastic displacement in pixels of the model grid (0: off).",
+    "liver_shift": ("Augmentation: maximum HU offset added to liver and tumour together (contrast kept), "
+                    "for livers that enhance more or less than the training cases (0: off)."),
     "val_fraction": "Fraction of cases held out for validation (split by case).",
     "val_cases": "Number of validation cases (overrides --val-fraction when > 0).",
     "seed": "Seed of the split, the slice draws, crops, augmentation and initial weights.",
@@ -119,6 +121,7 @@ class TrainConfig:
     intensity: float = 0.1
     noise: float = 0.015
     elastic: float = 0.0
+    liver_shift: float = 0.0
     # data
     val_fraction: float = 0.2
     val_cases: int = 0
@@ -142,7 +145,7 @@ class TrainConfig:
             if getattr(self, name) < 1:
                 raise InputError(f"--{name.replace('_', '-')} must be >= 1; got {getattr(self, name)}")
         for name in ("crop", "warmup_epochs", "val_cases", "workers", "threads", "bn_slices", "context",
-                     "rotate_deg", "scale_range", "shift", "intensity", "noise", "elastic"):
+                     "rotate_deg", "scale_range", "shift", "intensity", "noise", "elastic", "liver_shift"):
             if getattr(self, name) < 0:
                 raise InputError(f"--{name.replace('_', '-')} must be >= 0; got {getattr(self, name)}")
         if self.split_seed < -1:

@@ -180,7 +180,7 @@ def _crop(x: np.ndarray, y: np.ndarray, size: int, purpose: int, rng: np.random.
 
 def augment(x: torch.Tensor, y: torch.Tensor, gen: torch.Generator, rotate_deg: float = 12.0,
             scale=(0.85, 1.15), shift: float = 0.05, intensity: float = 0.1, noise: float = 0.015,
-            elastic: float = 0.0):
+            elastic: float = 0.0, liver_shift: float = 0.0):
     """Batch augmentation: rotation, scaling, translation, elastic deformation, intensity jitter and noise.
 
     No left-right (or front-back) flips: the liver lies on the patient's right (and
@@ -192,6 +192,12 @@ def augment(x: torch.Tensor, y: torch.Tensor, gen: torch.Generator, rotate_deg: 
     ``elastic`` > 0 adds a smooth displacement field, up to that many pixels per sample,
     interpolated from a 5x5 grid of random offsets: it bends organ and lesion outlines, which
     the affine part cannot (0 draws no random numbers, so earlier seeds replay unchanged).
+    ``liver_shift`` > 0 moves liver and tumour together by one offset per sample within
+    +-``liver_shift`` (on the [0, 1] scale), the other tissues staying put: livers enhance
+    differently from scan to scan, and a lesion is told by its contrast to the liver around
+    it, not by its own HU. The organ mask is the centre slice's labels with a soft 2-pixel
+    edge, used for every context channel (neighbouring slices' outlines differ by little).
+    It is drawn last, and 0 draws nothing, so the other augmentations replay unchanged.
     """
     n = x.shape[0]
     u = lambda *s: torch.rand(*s, generator=gen)  # noqa: E731
@@ -211,6 +217,9 @@ def augment(x: torch.Tensor, y: torch.Tensor, gen: torch.Generator, rotate_deg: 
     gain = 1 + (u(n, 1, 1, 1) * 2 - 1) * intensity
     bias = (u(n, 1, 1, 1) * 2 - 1) * intensity * 0.5
     x = x * gain + bias + torch.randn(x.shape, generator=gen) * (u(n, 1, 1, 1) * noise)
+    if liver_shift > 0:
+        organ = torch.nn.functional.avg_pool2d((y >= 1).float()[:, None], 5, stride=1, padding=2, count_include_pad=False)
+        x = x + organ * ((u(n, 1, 1, 1) * 2 - 1) * liver_shift * gain)
     return x, y
 
 

@@ -380,7 +380,8 @@ def fit(data_dir: str | Path, out_dir: str | Path, cfg: TrainConfig, resume: boo
                                      persistent_workers=cfg.workers > 0, prefetch_factor=4 if cfg.workers else None)
     class_weight = torch.tensor([1.0, 1.0, cfg.tumour_weight], device=device) if cfg.classes == 3 and cfg.tumour_weight != 1 else None
     aug = dict(rotate_deg=cfg.rotate_deg, scale=(1 - cfg.scale_range, 1 + cfg.scale_range), shift=cfg.shift,
-               intensity=cfg.intensity, noise=cfg.noise, elastic=cfg.elastic)
+               intensity=cfg.intensity, noise=cfg.noise, elastic=cfg.elastic,
+               liver_shift=cfg.liver_shift / (cfg.window_high - cfg.window_low))
     summary: dict = {}
     for epoch in range(start_epoch, cfg.epochs):
         t0 = time.perf_counter()

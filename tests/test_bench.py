@@ -146,9 +146,20 @@ def test_score_runs_on_masks_written_by_seg_run(tmp_path, capsys):
     assert code == 0, out
     for extra in (tmp_path / "preds").glob("*.json"):
         extra.unlink()
-    code, out = run_main(cli, ["score", tmp_path / "preds", tmp_path / "data"], capsys, "seg-bench")
+    code, out = run_main(cli, ["score", tmp_path / "preds", tmp_path / "data", "-o", tmp_path / "rep"], capsys, "seg-bench")
     assert code == 0, out
     assert "volume-0" in out and "volume-1" in out and "global (pooled)" in out
+    # seg-train compare pairs a deployed model's score with another by case
+    from train.cli import cli as train_cli
+
+    score = json.loads((tmp_path / "rep" / "score.json").read_text())
+    for m in score["per_case"].values():
+        m["liver"]["dice"] /= 2
+    (tmp_path / "worse.json").write_text(json.dumps(score))
+    code, out = run_main(train_cli, ["compare", tmp_path / "rep" / "score.json", tmp_path / "worse.json", "--structure", "liver"],
+                         capsys, "seg-train")
+    assert code == 0, out
+    assert "better on 0, worse on 2" in out and "mean of 2" in out
 
 
 def test_warmup_lasts_its_calls_and_its_seconds_before_timing():

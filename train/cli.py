@@ -167,7 +167,7 @@ def _read_metrics(path: Path) -> dict[str, dict]:
     except FileNotFoundError:
         raise InputError(f"{path}: no such file") from None
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
-        raise InputError(f"{path}: not a metrics file of seg-train evaluate; "
+        raise InputError(f"{path}: not a metrics file of seg-train evaluate or seg-bench score; "
                          f"write one with: seg-train evaluate CHECKPOINT DATA_DIR --out {path}") from None
     return per_case
 
@@ -180,7 +180,8 @@ def _read_metrics(path: Path) -> dict[str, dict]:
 def compare(base: Path, others: tuple[Path, ...], structure: str, out_json: Path | None) -> None:
     """Compare per-case Dice of checkpoints, each against BASE, paired by case.
 
-    Reads the files `seg-train evaluate --out` writes (the same cases for all) and prints
+    Reads the files `seg-train evaluate --out` writes (the same cases for all), or the
+    score.json of `seg-bench score`, which scores a deployed model's masks, and prints
     each case's Dice, then per file the mean difference from BASE, its 95 % bootstrap
     interval over the cases, and on how many cases it is better and worse. An interval that
     spans 0 means the cases do not tell the two apart: with a handful of validation cases,
@@ -191,6 +192,8 @@ def compare(base: Path, others: tuple[Path, ...], structure: str, out_json: Path
       seg-train evaluate runs/a/best.pt data/test --out a.json
       seg-train evaluate runs/b/best.pt data/test --out b.json
       seg-train compare a.json b.json
+      seg-run data/test -o preds/ --model model.int8.onnx && seg-bench score preds/ data/test -o int8/
+      seg-train compare a.json int8/score.json
     """
     from runtime.io import write_json_atomic
     from runtime.metrics import paired_dice, text_table

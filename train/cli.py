@@ -153,7 +153,7 @@ def evaluate(checkpoint: Path, data_dir: Path, out_json: Path | None, batch_size
 
 
 def _read_metrics(path: Path) -> dict[str, dict]:
-    """The per-case metrics of a ``seg-train evaluate --out`` file."""
+    """The per-case metrics of a ``seg-train evaluate --out`` file or a ``seg-bench score`` score.json."""
     import json
 
     from runtime.metrics import STRUCTURES
@@ -178,7 +178,7 @@ def _read_metrics(path: Path) -> dict[str, dict]:
 @click.option("--structure", type=click.Choice(["tumor", "liver"]), default="tumor", show_default=True)
 @click.option("--out", "out_json", type=click.Path(path_type=Path), default=None, help="Write the comparison as JSON here.")
 def compare(base: Path, others: tuple[Path, ...], structure: str, out_json: Path | None) -> None:
-    """Compare per-case Dice of checkpoints, each against BASE, paired by case.
+    """Compare per-case Dice of checkpoints or deployed models, each against BASE, paired by case.
 
     Reads the files `seg-train evaluate --out` writes (the same cases for all), or the
     score.json of `seg-bench score`, which scores a deployed model's masks, and prints

@@ -19,6 +19,8 @@ import math
 import numpy as np
 from scipy.ndimage import binary_erosion, distance_transform_edt, generate_binary_structure
 
+from .postprocess import bounding_box
+
 STRUCTURES = {"liver": lambda lab: lab >= 1, "tumor": lambda lab: lab == 2}
 
 
@@ -39,11 +41,6 @@ def rvd(pred: np.ndarray, ref: np.ndarray) -> float | None:
     return None if r == 0 else (int(np.count_nonzero(pred)) - r) / r
 
 
-def _bbox(mask: np.ndarray, pad: int = 1) -> tuple[slice, ...]:
-    idx = [np.nonzero(mask.any(axis=tuple(j for j in range(mask.ndim) if j != i)))[0] for i in range(mask.ndim)]
-    return tuple(slice(max(0, int(ix[0]) - pad), min(n, int(ix[-1]) + pad + 1)) for ix, n in zip(idx, mask.shape))
-
-
 def _border(mask: np.ndarray) -> np.ndarray:
     return mask ^ binary_erosion(mask, structure=generate_binary_structure(mask.ndim, 1), border_value=0)
 
@@ -51,7 +48,7 @@ def _border(mask: np.ndarray) -> np.ndarray:
 def surface_distances(pred: np.ndarray, ref: np.ndarray, spacing, crop: bool = True) -> tuple[np.ndarray, np.ndarray]:
     """(pred border -> ref border, ref border -> pred border) distances in mm. Both masks non-empty."""
     if crop:  # distances between borders never leave the joint bounding box (plus one voxel)
-        box = _bbox(pred | ref, pad=1)
+        box = tuple(slice(max(0, s.start - 1), min(n, s.stop + 1)) for s, n in zip(bounding_box(pred | ref), pred.shape))
         pred, ref = pred[box], ref[box]
     bp, br = _border(pred), _border(ref)
     d_to_ref = distance_transform_edt(~br, sampling=spacing)

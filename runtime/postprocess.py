@@ -10,7 +10,7 @@ import numpy as np
 from scipy import ndimage
 
 
-def _bbox(mask: np.ndarray) -> tuple[slice, ...] | None:
+def bounding_box(mask: np.ndarray) -> tuple[slice, ...] | None:
     """Bounding box of a boolean mask; reduces over contiguous memory (rows of the first axis,
     then a 2D projection), several times faster than ``any`` over other axis pairs."""
     first = mask.reshape(mask.shape[0], -1).any(axis=1)  # any() also reads uint8 labels as nonzero
@@ -20,13 +20,13 @@ def _bbox(mask: np.ndarray) -> tuple[slice, ...] | None:
     lead = slice(int(idx[0]), int(idx[-1]) + 1)
     if mask.ndim == 1:
         return (lead,)
-    rest = _bbox(mask[lead].any(axis=0))
+    rest = bounding_box(mask[lead].any(axis=0))
     return (lead, *rest)
 
 
 def largest_component(mask: np.ndarray, connectivity: int = 1) -> np.ndarray:
     """The largest 3D connected component (face-connected by default) of a boolean mask."""
-    box = _bbox(mask)
+    box = bounding_box(mask)
     if box is None:
         return np.zeros(mask.shape, bool)
     sub = mask[box]
@@ -78,7 +78,7 @@ class StreamingComponents:
     def _label(self, z0: int, z1: int) -> None:
         self._free[z0:z1] = False
         mask = self.labels[z0:z1] >= 1
-        box = _bbox(mask)
+        box = bounding_box(mask)
         if box is None:
             return
         lab, n = ndimage.label(mask[box], structure=self._structure)
@@ -150,7 +150,7 @@ def _touching(a: tuple, b: tuple) -> np.ndarray:
 def fill_holes(mask: np.ndarray) -> np.ndarray:
     """Fill holes slice by slice (axial): a 3D fill misses holes that open to another slice."""
     out = mask.copy()
-    box = _bbox(mask)
+    box = bounding_box(mask)
     if box is None:
         return out
     for k in range(box[0].start, box[0].stop):
@@ -169,7 +169,7 @@ def postprocess(labels: np.ndarray, keep_largest: bool = True, holes: bool = Fal
     labelling done already.
     """
     out = labels if inplace else labels.copy()
-    box = _bbox(out)
+    box = bounding_box(out)
     if box is None:
         return out
     sub = out[box]  # a view: edits land in out
@@ -190,12 +190,12 @@ def postprocess(labels: np.ndarray, keep_largest: bool = True, holes: bool = Fal
 def volume_stats(labels: np.ndarray, spacing) -> dict:
     """Liver and tumour volumes in mL, tumour count (3D components) and burden."""
     voxel_ml = float(np.prod(spacing)) / 1000.0
-    box = _bbox(labels)
+    box = bounding_box(labels)
     sub = labels[box] if box is not None else labels[:0]
     liver_ml = float(np.count_nonzero(sub >= 1)) * voxel_ml
     tumour = sub == 2
     tumor_ml = float(np.count_nonzero(tumour)) * voxel_ml
-    tbox = _bbox(tumour) if tumour.size else None
+    tbox = bounding_box(tumour) if tumour.size else None
     count = 0 if tbox is None else int(ndimage.label(tumour[tbox])[1])
     return {"liver_ml": liver_ml, "tumor_ml": tumor_ml, "tumor_count": count,
             "tumor_burden": tumor_ml / liver_ml if liver_ml else 0.0, "voxel_ml": voxel_ml}

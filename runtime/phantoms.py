@@ -16,9 +16,10 @@ from pathlib import Path
 
 import nibabel as nib
 import numpy as np
-from scipy.ndimage import gaussian_filter
+from scipy.ndimage import distance_transform_edt, gaussian_filter
 
 from .io import write_nifti
+from .postprocess import bounding_box
 
 SIZES = (256, 320, 384, 448, 512)
 LAYOUTS = ("RAS", "LPS", "LAS", "RAS-zflip", "LPS-permuted")
@@ -68,8 +69,9 @@ def _sub(g: _Grid, sl: slice) -> _Grid:
     return _Grid(z=g.z[sl], y=g.y, x=g.x)
 
 
-def _canonical_case(rng: np.random.Generator, n: int, spacing: float, slices: int, thickness: float):
-    """(hu, labels) on the canonical (z, y, x) grid."""
+def _canonical_case(rng: np.random.Generator, n: int, spacing: float, slices: int, thickness: float,
+                    fat_rng: np.random.Generator | None = None):
+    """(hu, labels) on the canonical (z, y, x) grid; with ``fat_rng``, perihepatic fat too."""
     f32 = np.float32
     top = rng.uniform(10, 50)  # mm above the liver dome (z = 0); z increases superiorly
     z = (top - (slices - 1) * thickness + np.arange(slices) * thickness)[:, None, None]
@@ -157,6 +159,8 @@ def _canonical_case(rng: np.random.Generator, n: int, spacing: float, slices: in
     hu[sl][liver[sl]] = liver_vals[liver[sl]]
     ivc = _ring(g2, spine_y + 32, 22.0, 12.0, 12.0)[0] <= 1.0
     hu[:, ivc] = liver_hu + rng.uniform(0, 25)
+    if fat_rng is not None:
+        _perihepatic_fat(fat_rng, g, hu, liver, cavity & (hu == bowel), (thickness, spacing, spacing))
     labels = liver.astype(np.uint8)
 
     # tumours: 0-5, inside the liver, soft-edged, mostly hypodense
@@ -177,6 +181,27 @@ def _canonical_case(rng: np.random.Generator, n: int, spacing: float, slices: in
     hu = gaussian_filter(hu, sigma=(0, 0.7, 0.7))
     hu += rng.standard_normal(shape, dtype=f32) * f32(rng.uniform(8, 20))
     return np.clip(np.rint(hu), -1024, 3071).astype(np.int16), labels
+
+
+def _perihepatic_fat(rng: np.random.Generator, g: _Grid, hu: np.ndarray, liver: np.ndarray, free: np.ndarray,
+                     sampling: tuple[float, float, float]) -> None:
+    """Fat (about -100 HU) 0-8 mm thick over part of the liver surface, where bowel touches it.
+
+    Without it the liver lies directly against 15-40 HU bowel, the HU of a hypodense lesion, so
+    a lesion on the liver surface looks like bowel; in a real abdomen fat and the capsule
+    separate the liver from much of its surroundings. The thickness follows a smooth field,
+    so some of the surface stays in direct contact, as it does in real scans.
+    """
+    tight = bounding_box(liver)
+    if tight is None:
+        return
+    pad = [int(np.ceil(10.0 / s)) for s in sampling]  # room for the thickest fat
+    box = tuple(slice(max(0, t.start - p), min(n, t.stop + p)) for t, p, n in zip(tight, pad, liver.shape))
+    sub = _Grid(z=g.z[box[0]], y=g.y[:, box[1]], x=g.x[:, :, box[2]])
+    dist = distance_transform_edt(~liver[box], sampling=sampling)
+    thick = np.clip(3.5 + _waves(rng, sub, 3, 10.0, (40.0, 120.0)), 0.0, 8.0)
+    fat = (dist > 0) & (dist <= thick) & free[box]
+    hu[box][fat] = (-100.0 + _waves(rng, sub, 2, 20.0, (10.0, 30.0)) + np.zeros(fat.shape, np.float32))[fat]
 
 
 def _to_layout(arr: np.ndarray, ras_affine: np.ndarray, layout: str):
@@ -204,11 +229,14 @@ def _to_layout(arr: np.ndarray, ras_affine: np.ndarray, layout: str):
     return np.ascontiguousarray(data), aff
 
 
-def make_phantom(seed: int, index: int, size: int | None = None, slices: int | None = None) -> Phantom:
+def make_phantom(seed: int, index: int, size: int | None = None, slices: int | None = None,
+                 perihepatic_fat: bool = False) -> Phantom:
     """One synthetic CT case, deterministic in (seed, index).
 
     ``size`` overrides the in-plane size and ``slices`` the slice count; the physical field
     of view and body size stay realistic, so small phantoms simply have coarser voxels.
+    ``perihepatic_fat`` adds fat over part of the liver surface; it draws from its own random
+    stream, so the case is otherwise the same anatomy, labels and noise as without it.
     """
     rng = np.random.default_rng([int(seed), int(index), 0x5EC7])
     n = int(size) if size else int(rng.choice(SIZES))
@@ -221,7 +249,8 @@ def make_phantom(seed: int, index: int, size: int | None = None, slices: int | N
     else:
         thickness = float(rng.choice([1.5, 2.0, 2.5, 3.0, 4.0, 5.0]))
         n_slices = int(np.clip(round(extent / thickness), 40, 120))
-    hu, labels = _canonical_case(rng, n, spacing, n_slices, thickness)
+    fat_rng = np.random.default_rng([int(seed), int(index), 0xFA7]) if perihepatic_fat else None
+    hu, labels = _canonical_case(rng, n, spacing, n_slices, thickness, fat_rng)
     ras = np.diag([spacing, spacing, thickness, 1.0])
     ras[:3, 3] = [-(n - 1) / 2 * spacing, -(n - 1) / 2 * spacing, -rng.uniform(100, 400)]
     layout = LAYOUTS[int(rng.integers(len(LAYOUTS)))]
@@ -254,7 +283,7 @@ def phantom_images(ph: Phantom) -> tuple[nib.Nifti1Image, nib.Nifti1Image]:
 
 def write_phantoms(
     out_dir: str | Path, cases: int, seed: int, start: int = 0, size: int | None = None,
-    slices: int | None = None, preview: bool = False, progress: bool = True,
+    slices: int | None = None, preview: bool = False, progress: bool = True, perihepatic_fat: bool = False,
 ) -> list[Path]:
     """Write cases start..start+cases-1 as volume-K.nii.gz / segmentation-K.nii.gz (LiTS layout)."""
     from tqdm import tqdm
@@ -263,7 +292,7 @@ def write_phantoms(
     out.mkdir(parents=True, exist_ok=True)
     written = []
     for k in tqdm(range(start, start + cases), desc="phantoms", unit="case", disable=not (progress and sys.stderr.isatty())):
-        ph = make_phantom(seed, k, size=size, slices=slices)
+        ph = make_phantom(seed, k, size=size, slices=slices, perihepatic_fat=perihepatic_fat)
         img, seg = phantom_images(ph)
         write_nifti(img, out / f"volume-{k}.nii.gz")
         write_nifti(seg, out / f"segmentation-{k}.nii.gz")

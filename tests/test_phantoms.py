@@ -87,3 +87,27 @@ def test_written_files_read_back_as_the_canonical_arrays(tmp_path):
         hu, lab = canonical(ph)
         np.testing.assert_array_equal(read_volume(tmp_path / f"volume-{k}.nii.gz").data, hu)
         np.testing.assert_array_equal(read_labels(tmp_path / f"segmentation-{k}.nii.gz").data, lab)
+
+
+def _surface_shell(lab: np.ndarray, hu: np.ndarray) -> np.ndarray:
+    from scipy import ndimage
+
+    liver = lab >= 1
+    return ndimage.binary_dilation(liver, iterations=2) & ~liver & (hu > -500)  # body only, not air
+
+
+def test_perihepatic_fat_covers_part_of_the_liver_surface_and_changes_nothing_else():
+    """Real livers are partly wrapped in fat (about half of a 3 mm shell around the liver in a
+    real abdominal CT); without it a lesion on the liver surface looks like the bowel beside it."""
+    from scipy import ndimage
+
+    plain = make_phantom(0, 2, size=128, slices=40)
+    fat = make_phantom(0, 2, size=128, slices=40, perihepatic_fat=True)
+    hu0, lab0 = canonical(plain)
+    hu1, lab1 = canonical(fat)
+    np.testing.assert_array_equal(lab0, lab1)  # same anatomy and lesions
+    shell = _surface_shell(lab0, hu0)
+    assert (hu0[shell] < -30).mean() < 0.05  # bowel and organs touch the liver directly
+    assert 0.2 < (hu1[shell] < -30).mean() < 0.8  # fat over part of the surface, not all of it
+    far = ndimage.distance_transform_edt(lab0 == 0) > 12  # voxels; well beyond the thickest fat and its blur
+    np.testing.assert_array_equal(hu0[far], hu1[far])  # the rest of the case, noise included, is unchanged

@@ -31,7 +31,10 @@ def cli() -> None:
 @click.option("--size", type=click.IntRange(32, 1024), default=None, help="In-plane size (default: varied, 256-512).")
 @click.option("--slices", type=click.IntRange(8, 1024), default=None, help="Slice count (default: varied).")
 @click.option("--preview/--no-preview", default=False, help="Also write a PNG of a mid-liver slice per case.")
-def phantoms(out_dir: Path, cases: int, seed: int, start: int, size: int | None, slices: int | None, preview: bool) -> None:
+@click.option("--perihepatic-fat/--no-perihepatic-fat", default=False, show_default=True,
+              help="Put fat over part of the liver surface, as in real scans; otherwise the same cases.")
+def phantoms(out_dir: Path, cases: int, seed: int, start: int, size: int | None, slices: int | None, preview: bool,
+             perihepatic_fat: bool) -> None:
     """Write synthetic abdominal CT phantoms (HU + labels) in the LiTS layout.
 
     \b
@@ -41,7 +44,8 @@ def phantoms(out_dir: Path, cases: int, seed: int, start: int, size: int | None,
     """
     from runtime.phantoms import write_phantoms
 
-    paths = write_phantoms(out_dir, cases=cases, seed=seed, start=start, size=size, slices=slices, preview=preview)
+    paths = write_phantoms(out_dir, cases=cases, seed=seed, start=start, size=size, slices=slices, preview=preview,
+                           perihepatic_fat=perihepatic_fat)
     click.echo(f"wrote {len(paths)} cases to {out_dir}")
 
 

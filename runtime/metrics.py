@@ -48,7 +48,7 @@ def _border(mask: np.ndarray) -> np.ndarray:
 def surface_distances(pred: np.ndarray, ref: np.ndarray, spacing, crop: bool = True) -> tuple[np.ndarray, np.ndarray]:
     """(pred border -> ref border, ref border -> pred border) distances in mm. Both masks non-empty."""
     if crop:  # distances between borders never leave the joint bounding box (plus one voxel)
-        box = tuple(slice(max(0, s.start - 1), min(n, s.stop + 1)) for s, n in zip(bounding_box(pred | ref), pred.shape))
+        box = bounding_box(pred | ref, pad=1)
         pred, ref = pred[box], ref[box]
     bp, br = _border(pred), _border(ref)
     d_to_ref = distance_transform_edt(~br, sampling=spacing)

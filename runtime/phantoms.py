@@ -192,11 +192,9 @@ def _perihepatic_fat(rng: np.random.Generator, g: _Grid, hu: np.ndarray, liver: 
     separate the liver from much of its surroundings. The thickness follows a smooth field,
     so some of the surface stays in direct contact, as it does in real scans.
     """
-    tight = bounding_box(liver)
-    if tight is None:
+    box = bounding_box(liver, pad=[int(np.ceil(10.0 / s)) for s in sampling])  # room for the thickest fat
+    if box is None:
         return
-    pad = [int(np.ceil(10.0 / s)) for s in sampling]  # room for the thickest fat
-    box = tuple(slice(max(0, t.start - p), min(n, t.stop + p)) for t, p, n in zip(tight, pad, liver.shape))
     sub = _Grid(z=g.z[box[0]], y=g.y[:, box[1]], x=g.x[:, :, box[2]])
     dist = distance_transform_edt(~liver[box], sampling=sampling)
     thick = np.clip(3.5 + _waves(rng, sub, 3, 10.0, (40.0, 120.0)), 0.0, 8.0)

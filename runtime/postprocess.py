@@ -6,13 +6,25 @@ a shifted scan in a probe; tumours are only kept inside the kept liver.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import numpy as np
 from scipy import ndimage
 
 
-def bounding_box(mask: np.ndarray) -> tuple[slice, ...] | None:
-    """Bounding box of a boolean mask; reduces over contiguous memory (rows of the first axis,
-    then a 2D projection), several times faster than ``any`` over other axis pairs."""
+def bounding_box(mask: np.ndarray, pad: int | Sequence[int] = 0) -> tuple[slice, ...] | None:
+    """Bounding box of a boolean mask, grown by ``pad`` voxels (one per axis, or one for all)
+    and clipped to the array; None if the mask is empty."""
+    box = _tight_box(mask)
+    if box is None or not np.any(pad):
+        return box
+    pads = np.broadcast_to(pad, (mask.ndim,))
+    return tuple(slice(max(0, s.start - int(p)), min(n, s.stop + int(p))) for s, p, n in zip(box, pads, mask.shape))
+
+
+def _tight_box(mask: np.ndarray) -> tuple[slice, ...] | None:
+    """Reduces over contiguous memory (rows of the first axis, then a 2D projection), several
+    times faster than ``any`` over other axis pairs."""
     first = mask.reshape(mask.shape[0], -1).any(axis=1)  # any() also reads uint8 labels as nonzero
     idx = np.flatnonzero(first)
     if not len(idx):
@@ -20,7 +32,7 @@ def bounding_box(mask: np.ndarray) -> tuple[slice, ...] | None:
     lead = slice(int(idx[0]), int(idx[-1]) + 1)
     if mask.ndim == 1:
         return (lead,)
-    rest = bounding_box(mask[lead].any(axis=0))
+    rest = _tight_box(mask[lead].any(axis=0))
     return (lead, *rest)
 
 

@@ -22,7 +22,7 @@ from train.data import (  # noqa: E402
     index_cases,
     split_cases,
 )
-from train.loop import loss_fn, lr_at  # noqa: E402
+from train.loop import boundary_band, loss_fn, lr_at  # noqa: E402
 
 
 def _cases(n):
@@ -196,3 +196,31 @@ def test_config_file_keys_and_validation(tmp_path):
     assert spec.preprocess.size == (256, 256) and spec.preprocess.spacing_mm == 1.5
     assert spec.preprocess.window == (-200.0, 250.0) and spec.io.activation == "softmax"
     assert TrainConfig(classes=1).spec({}).io.activation == "sigmoid"
+
+
+def test_boundary_band_covers_both_sides_of_every_label_change_and_nothing_far_away():
+    y = torch.zeros(1, 40, 40, dtype=torch.long)
+    y[0, 10:30, 10:30] = 1
+    y[0, 18:22, 26:30] = 2  # a lesion on the organ's edge
+    band = boundary_band(y, 2)[0]
+    assert band[10, 20] == 1 and band[8, 20] == 1 and band[11, 20] == 1  # edge, outside, inside
+    assert band[7, 20] == 0 and band[20, 13] == 0 and band[0, 0] == 0  # 3 px away on either side
+    assert band[20, 24] == 1 and band[20, 31] == 1  # around the lesion, liver side and background side
+    assert band.sum() < y.numel() / 2
+
+
+def test_pixel_weights_of_one_change_nothing_and_boundary_weights_count_boundary_errors_more():
+    y = torch.zeros(2, 32, 32, dtype=torch.long)
+    y[:, 8:24, 8:24] = 1
+    y[:, 12:16, 20:24] = 2
+    logits = torch.nn.functional.one_hot(y, 3).permute(0, 3, 1, 2).float() * 4
+    cw = torch.tensor([1.0, 1.0, 2.0])
+    assert torch.allclose(loss_fn(logits, y, class_weight=cw), loss_fn(logits, y, class_weight=cw, pixel_weight=torch.ones(2, 32, 32)))
+    edge_err, far_err = logits.clone(), logits.clone()
+    edge_err[:, :, 12:16, 20:24] = logits[:, :, 12:16, 16:20]  # the lesion (all boundary) called liver
+    far_err[:, :, 0:4, 0:4] = logits[:, :, 12:16, 16:20]  # the same number of background pixels far away called liver
+    band = 1 + 4 * boundary_band(y, 2)
+    plain = loss_fn(edge_err, y, dice_weight=0), loss_fn(far_err, y, dice_weight=0)
+    weighted = loss_fn(edge_err, y, dice_weight=0, pixel_weight=band), loss_fn(far_err, y, dice_weight=0, pixel_weight=band)
+    assert torch.isclose(plain[0], plain[1], rtol=0.05)
+    assert weighted[0] > 2 * weighted[1]

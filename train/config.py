@@ -52,6 +52,9 @@ HELP = {
     "dice": ("Soft Dice over the whole batch, or per image and averaged over the images that contain the class "
              "(weighs a small lesion as much as a large one; cross-entropy alone then polices the empty slices)."),
     "tumour_weight": "Cross-entropy class weight of tumour (background and liver: 1).",
+    "boundary_weight": ("Extra cross-entropy weight of pixels near a class boundary (weight 1 + this), as the 2015 "
+                    "UNet weighted cell borders: lesions on the liver surface are where the model errs (0: off)."),
+    "boundary_width": "Half-width in pixels of the boundary band that --boundary-weight weighs.",
     "ema": "Decay of an exponential moving average of the weights, validated and saved as best (0: off).",
     "bn_slices": "Whole slices used to re-estimate BatchNorm statistics before each validation (0: off).",
     "tumour_oversampling": "Fraction of sampled slices drawn from slices with tumour.",
@@ -110,6 +113,8 @@ class TrainConfig:
     dice_weight: float = 1.0
     dice: str = "batch"
     tumour_weight: float = 1.0
+    boundary_weight: float = 0.0
+    boundary_width: int = 5
     ema: float = 0.998  # per step; with a warm-up, so short runs average over their own steps
     bn_slices: int = 256  # whole slices for re-estimating BatchNorm statistics before validation
     tumour_oversampling: float = 1 / 3
@@ -145,7 +150,8 @@ class TrainConfig:
             if getattr(self, name) < 1:
                 raise InputError(f"--{name.replace('_', '-')} must be >= 1; got {getattr(self, name)}")
         for name in ("crop", "warmup_epochs", "val_cases", "workers", "threads", "bn_slices", "context",
-                     "rotate_deg", "scale_range", "shift", "intensity", "noise", "elastic", "liver_shift"):
+                     "rotate_deg", "scale_range", "shift", "intensity", "noise", "elastic", "liver_shift",
+                     "boundary_weight", "boundary_width"):
             if getattr(self, name) < 0:
                 raise InputError(f"--{name.replace('_', '-')} must be >= 0; got {getattr(self, name)}")
         if self.split_seed < -1:

@@ -89,9 +89,22 @@ def amp_dtype(amp: str, device: torch.device) -> torch.dtype | None:
     return torch.float16 if amp == "fp16" else torch.bfloat16
 
 
+def boundary_band(labels: torch.Tensor, width: int) -> torch.Tensor:
+    """(N, H, W) float mask of pixels within ``width`` pixels of a change of label (on both sides)."""
+    k = 2 * width + 1
+    onehot = F.one_hot(labels.long()).permute(0, 3, 1, 2).float()
+    dilated = F.max_pool2d(onehot, k, stride=1, padding=width)
+    eroded = -F.max_pool2d(-onehot, k, stride=1, padding=width)
+    return (dilated - eroded).amax(1)
+
+
 def loss_fn(logits: torch.Tensor, target: torch.Tensor, dice_weight: float = 1.0,
-            class_weight: torch.Tensor | None = None, dice: str = "batch") -> torch.Tensor:
+            class_weight: torch.Tensor | None = None, dice: str = "batch",
+            pixel_weight: torch.Tensor | None = None) -> torch.Tensor:
     """Cross-entropy + soft Dice over the foreground classes (sigmoid + BCE for one channel).
+
+    ``pixel_weight`` (N, H, W) weighs each pixel's cross-entropy (e.g. 1 + w x ``boundary_band``);
+    the weighted mean divides by the sum of the weights, as PyTorch's class weights do.
 
     ``dice="batch"``: the soft Dice of the whole batch per class (sums over samples and pixels),
     with +1 smoothing so an absent class costs nothing. ``dice="image"``: the soft Dice of each
@@ -101,10 +114,18 @@ def loss_fn(logits: torch.Tensor, target: torch.Tensor, dice_weight: float = 1.0
     logits = logits.float()
     if logits.shape[1] == 1:
         t = (target >= 1).float()
-        ce = F.binary_cross_entropy_with_logits(logits[:, 0], t)
+        if pixel_weight is None:
+            ce = F.binary_cross_entropy_with_logits(logits[:, 0], t)
+        else:
+            ce = (F.binary_cross_entropy_with_logits(logits[:, 0], t, reduction="none") * pixel_weight).sum() / pixel_weight.sum()
         prob, onehot = torch.sigmoid(logits), t[:, None]
     else:
-        ce = F.cross_entropy(logits, target, weight=class_weight)
+        if pixel_weight is None:
+            ce = F.cross_entropy(logits, target, weight=class_weight)
+        else:
+            per_pixel = F.cross_entropy(logits, target, weight=class_weight, reduction="none")
+            w = pixel_weight if class_weight is None else pixel_weight * class_weight[target]
+            ce = (per_pixel * pixel_weight).sum() / w.sum()
         prob = logits.softmax(1)[:, 1:]
         onehot = F.one_hot(target, logits.shape[1]).permute(0, 3, 1, 2)[:, 1:].float()
     if dice == "batch":
@@ -397,7 +418,8 @@ def fit(data_dir: str | Path, out_dir: str | Path, cfg: TrainConfig, resume: boo
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
             with torch.autocast(device.type, dtype=autocast, enabled=autocast is not None):
                 logits = net(x)
-            loss = loss_fn(logits, y, cfg.dice_weight, class_weight, cfg.dice)
+            pixel_weight = 1 + cfg.boundary_weight * boundary_band(y if cfg.classes == 3 else y >= 1, cfg.boundary_width) if cfg.boundary_weight else None
+            loss = loss_fn(logits, y, cfg.dice_weight, class_weight, cfg.dice, pixel_weight)
             opt.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
             scaler.step(opt)

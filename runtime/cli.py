@@ -55,7 +55,7 @@ def _bar(total: int, desc: str, unit: str, leave: bool = True):
 
 def segment_files(paths: list[Path], backend, out_dir: Path, batch_size: int, skip_existing: bool = False,
                   postprocess: bool = True, holes: bool = False, overlay: bool = False, echo=click.echo,
-                  probabilities: bool = False) -> dict[Path, dict | str]:
+                  probabilities: bool = False, min_tumour_ml: float = 0.0) -> dict[Path, dict | str]:
     """Segment each file; returns {path: report dict, or the error line}. One bad volume never stops the rest."""
     from .io import (
         case_name,
@@ -67,7 +67,7 @@ def segment_files(paths: list[Path], backend, out_dir: Path, batch_size: int, sk
     )
     from .models import file_sha256
     from .pipeline import Timings, read_ahead, segment_canonical
-    from .postprocess import StreamingComponents, volume_stats
+    from .postprocess import StreamingComponents, drop_small_tumours, volume_stats, voxels_for_ml
     from .postprocess import postprocess as post
 
     results: dict[Path, dict | str] = {}
@@ -106,8 +106,11 @@ def segment_files(paths: list[Path], backend, out_dir: Path, batch_size: int, sk
             if warning:
                 echo(f"warning: {p}: {warning}", err=True)
             s = time.perf_counter()
+            min_voxels = voxels_for_ml(min_tumour_ml, vol.spacing)
             if postprocess:
-                labels = post(labels, holes=holes, inplace=True, components=components)
+                labels = post(labels, holes=holes, inplace=True, components=components, min_tumour_voxels=min_voxels)
+            else:
+                drop_small_tumours(labels, min_voxels)
             stats = volume_stats(labels, vol.spacing)
             t.add("postprocess", time.perf_counter() - s)
             s = time.perf_counter()
@@ -128,7 +131,7 @@ def segment_files(paths: list[Path], backend, out_dir: Path, batch_size: int, sk
                 "slices": vol.num_slices, "shape": list(vol.shape), "spacing_mm": list(vol.spacing),
                 "timings_s": t.as_dict(), "backend": backend.name, "provider": backend.provider,
                 "precision": backend.precision, "batch_size": batch_size, "model": str(getattr(backend, "path", "")),
-                "model_sha256": model_hash, "postprocess": postprocess, "warnings": [warning] if warning else [],
+                "model_sha256": model_hash, "postprocess": postprocess, "min_tumour_ml": min_tumour_ml, "warnings": [warning] if warning else [],
             }
             write_json_atomic(json_path, report)
             results[p] = report
@@ -160,11 +163,13 @@ def segment_files(paths: list[Path], backend, out_dir: Path, batch_size: int, sk
 @click.option("--cuda-graph", is_flag=True, help="TensorRT: replay the steady-state batch as a CUDA graph.")
 @click.option("--no-postprocess", is_flag=True, help="Keep every predicted component (no largest-liver filter).")
 @click.option("--fill-holes", is_flag=True, help="Fill holes in the liver slice by slice.")
+@click.option("--min-tumour-ml", type=click.FloatRange(0), default=0.0, show_default=True,
+              help="Relabel tumour components smaller than this (mL) as liver: specks in a tumour-free liver (0: keep all).")
 @click.option("--probabilities", is_flag=True, help="Also write <name>_prob.nii.gz: per-class probabilities (4D, input geometry, "
               "uint8 with scale 1/255; before postprocessing).")
 @DEBUG_OPTION
 def cli(inputs, model, out_dir, demo, backend, provider, threads, streams, batch_size, skip_existing, overlay, cuda_graph, no_postprocess, fill_holes,
-        probabilities) -> None:
+        probabilities, min_tumour_ml) -> None:
     """Segment liver and liver tumours in CT volumes (NIfTI), writing <name>_seg.nii.gz
     (uint8: 0 background, 1 liver, 2 tumour; the input's geometry) and <name>.json
     (volumes in mL, tumour count and burden, per-stage timings, backend, model hash).
@@ -192,7 +197,7 @@ def cli(inputs, model, out_dir, demo, backend, provider, threads, streams, batch
         bs = batch_size or be.default_batch
         click.echo(f"backend: {be.describe()}, batch {bs} (--backend {backend} chose {be.name})", err=True)
         results = segment_files(paths, be, out_dir, bs, skip_existing, not no_postprocess, fill_holes, overlay,
-                                probabilities=probabilities)
+                                probabilities=probabilities, min_tumour_ml=min_tumour_ml)
     failed = [p for p, r in results.items() if isinstance(r, str)]
     if failed:
         click.echo(f"{len(failed)} of {len(results)} volume(s) failed", err=True)

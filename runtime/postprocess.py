@@ -170,9 +170,33 @@ def fill_holes(mask: np.ndarray) -> np.ndarray:
     return out
 
 
+def voxels_for_ml(ml: float, spacing) -> int:
+    """The voxel count of ``ml`` millilitres at this spacing (mm), rounded up."""
+    return int(np.ceil(ml * 1000.0 / float(np.prod(spacing)) - 1e-9)) if ml > 0 else 0
+
+
+def drop_small_tumours(labels: np.ndarray, min_voxels: int) -> np.ndarray:
+    """Relabel tumour components (3D, face-connected) of fewer than ``min_voxels`` voxels as liver, in place.
+
+    Specks of a few voxels are what a model marks in a tumour-free liver, and LiTS scores such a
+    case Dice 0; the lesions it should find are larger.
+    """
+    box = bounding_box(labels == 2) if min_voxels > 1 else None
+    if box is None:
+        return labels
+    sub = labels[box]
+    lab, _ = ndimage.label(sub == 2)
+    sizes = np.bincount(lab.ravel())
+    small = sizes < min_voxels
+    small[0] = False
+    sub[small[lab]] = 1
+    return labels
+
+
 def postprocess(labels: np.ndarray, keep_largest: bool = True, holes: bool = False, inplace: bool = False,
-                components: StreamingComponents | None = None) -> np.ndarray:
-    """Largest connected liver region (label >= 1); tumour only inside it; optional hole filling.
+                components: StreamingComponents | None = None, min_tumour_voxels: int = 0) -> np.ndarray:
+    """Largest connected liver region (label >= 1); tumour only inside it; optional hole filling;
+    tumour components smaller than ``min_tumour_voxels`` become liver.
 
     Works inside the bounding box of the foreground: outside it everything is background, and
     a full-volume pass costs more than all the rest on a 512x512 volume. ``inplace`` rewrites
@@ -196,6 +220,7 @@ def postprocess(labels: np.ndarray, keep_largest: bool = True, holes: bool = Fal
         sub[...] = kept.view(np.uint8) + (kept & (sub == 2))
     else:
         np.multiply(sub, kept.view(np.uint8), out=sub)  # kept is inside the liver: labels stay or drop to 0
+    drop_small_tumours(sub, min_tumour_voxels)
     return out
 
 

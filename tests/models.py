@@ -15,9 +15,11 @@ def threshold_spec(size: int = 64, spacing: float = 6.0) -> ModelSpec:
 
 
 def threshold_model(path: Path, spec: ModelSpec | None = None, level: float = 0.55, spec_json: str | None = None,
-                    out_channels: int = 3, in_hw: tuple[int, int] | None = None) -> Path:
+                    out_channels: int = 3, in_hw: tuple[int, int] | None = None, tumour_level: float | None = None) -> Path:
     """A 1x1 Conv: liver logit = 20 * (x - level), background 0, tumour -10. Liver where the
-    windowed intensity exceeds ``level`` (HU > -200 + level * 450 with the default window)."""
+    windowed intensity exceeds ``level`` (HU > -200 + level * 450 with the default window).
+    With ``tumour_level`` the tumour logit is 40 * (x - tumour_level): tumour where x exceeds
+    2 * tumour_level - level (bright voxels, noisy specks among them)."""
     import onnx
     from onnx import TensorProto, helper, numpy_helper
 
@@ -30,6 +32,8 @@ def threshold_model(path: Path, spec: ModelSpec | None = None, level: float = 0.
     bias[1] = -20.0 * level
     if out_channels > 2:
         bias[2] = -10.0
+        if tumour_level is not None:
+            weight[2, c // 2], bias[2] = 40.0, -40.0 * tumour_level
     graph = helper.make_graph(
         [helper.make_node("Conv", ["slices", "W", "B"], ["logits"])], "threshold",
         [helper.make_tensor_value_info("slices", TensorProto.FLOAT, ["batch", c, h, w])],

@@ -4,10 +4,12 @@ from scipy import ndimage
 
 from runtime.postprocess import (
     StreamingComponents,
+    drop_small_tumours,
     fill_holes,
     largest_component,
     postprocess,
     volume_stats,
+    voxels_for_ml,
 )
 
 
@@ -115,3 +117,25 @@ def test_streamed_components_break_ties_like_ndimage():
         sc.add(s, s + 2)
     np.testing.assert_array_equal(postprocess(labels, components=sc), postprocess(labels))
     assert postprocess(labels, components=sc)[2:6].sum() == 36 and postprocess(labels, components=sc)[12:16].sum() == 0
+
+
+def test_small_tumour_components_become_liver_and_larger_ones_stay():
+    lab = np.zeros((10, 20, 20), np.uint8)
+    lab[1:9, 2:18, 2:18] = 1
+    lab[2:5, 3:6, 3:6] = 2  # 27 voxels
+    lab[7, 10, 10:12] = 2  # 2 voxels
+    lab[5, 15, 15] = 2  # 1 voxel; touches the big lesion nowhere
+    out = postprocess(lab, min_tumour_voxels=27)
+    assert (out == 2).sum() == 27 and (out[2:5, 3:6, 3:6] == 2).all()
+    assert out[7, 10, 10] == 1 and out[5, 15, 15] == 1  # relabelled as liver, not background
+    assert ((out >= 1) == (lab >= 1)).all()
+    assert (postprocess(lab, min_tumour_voxels=28) == 2).sum() == 0
+    np.testing.assert_array_equal(postprocess(lab), lab)  # 0 keeps every lesion
+    only = lab.copy()
+    assert drop_small_tumours(only, 3) is only and (only == 2).sum() == 27
+
+
+def test_millilitres_become_voxels_at_the_scan_spacing():
+    assert voxels_for_ml(0.1, (1.0, 1.0, 1.0)) == 100
+    assert voxels_for_ml(0.1, (2.5, 0.8, 0.8)) == 63  # 62.5 rounded up
+    assert voxels_for_ml(0.0, (1.0, 1.0, 1.0)) == 0

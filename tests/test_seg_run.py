@@ -124,6 +124,21 @@ def test_components_labelled_during_inference_give_the_usual_postprocessing(tmp_
     np.testing.assert_array_equal(vol.to_file_layout(reference), mask)
 
 
+def test_min_tumour_ml_drops_lesions_below_it_and_is_reported(tmp_path):
+    model = threshold_model(tmp_path / "m.onnx", tumour_level=0.62)  # bright voxels are tumour: lesions of 1-500 mL
+    src = write_case(tmp_path / "v.nii.gz", seed=5)
+    masks, reports = {}, {}
+    for ml in (0, 30, 10_000):
+        assert run(src, "--model", model, "-o", tmp_path / f"o{ml}", "--min-tumour-ml", ml).exit_code == 0
+        masks[ml] = np.asarray(nib.load(tmp_path / f"o{ml}" / "v_seg.nii.gz").dataobj)
+        reports[ml] = json.loads((tmp_path / f"o{ml}" / "v.json").read_text())
+    assert reports[0]["tumor_count"] > reports[30]["tumor_count"] > 0
+    assert reports[30]["tumor_ml"] >= 30 * reports[30]["tumor_count"]
+    assert reports[10_000]["tumor_count"] == 0 and reports[10_000]["min_tumour_ml"] == 10_000
+    for ml in (30, 10_000):
+        np.testing.assert_array_equal(masks[ml] >= 1, masks[0] >= 1)  # dropped lesions stay liver
+
+
 def test_wall_time_counts_the_read_once(tmp_path, model, monkeypatch):
     """A volume's wall time spans its read and everything after it, and nothing twice."""
     import time

@@ -131,7 +131,9 @@ fit = _make_fit()
 @click.option("--out", "out_json", type=click.Path(path_type=Path), default=None, help="Write the metrics as JSON here.")
 @click.option("--batch-size", default=16, show_default=True, type=click.IntRange(1))
 @click.option("--device", default="auto", show_default=True)
-def evaluate(checkpoint: Path, data_dir: Path, out_json: Path | None, batch_size: int, device: str) -> None:
+@click.option("--min-tumour-ml", type=click.FloatRange(0), default=0.0, show_default=True,
+              help="Relabel predicted tumour components smaller than this (mL) as liver, as seg-run --min-tumour-ml does.")
+def evaluate(checkpoint: Path, data_dir: Path, out_json: Path | None, batch_size: int, device: str, min_tumour_ml: float) -> None:
     """Print the LiTS metric table of a checkpoint on every labelled case of DATA_DIR.
 
     \b
@@ -148,11 +150,12 @@ def evaluate(checkpoint: Path, data_dir: Path, out_json: Path | None, batch_size
     ck = load_checkpoint(checkpoint)
     cases = load_dataset(data_dir)
     dev = select_device(device)
-    per_case = evaluate_cases(place(ck.model(), dev), ck.spec, cases, dev, batch_size, progress=sys.stderr.isatty(), surface=True)
+    per_case = evaluate_cases(place(ck.model(), dev), ck.spec, cases, dev, batch_size, progress=sys.stderr.isatty(), surface=True,
+                              min_tumour_ml=min_tumour_ml)
     summary = summarize(per_case)
     click.echo(format_table(per_case, summary))
     if out_json:
-        write_json_atomic(out_json, {"checkpoint": str(checkpoint), "per_case": per_case, "summary": summary})
+        write_json_atomic(out_json, {"checkpoint": str(checkpoint), "min_tumour_ml": min_tumour_ml, "per_case": per_case, "summary": summary})
         click.echo(f"wrote {out_json}")
 
 

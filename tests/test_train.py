@@ -188,6 +188,13 @@ def test_evaluate_writes_per_case_and_global_json(tiny_run, tiny_data, tmp_path,
     m = json.loads((tmp_path / "m.json").read_text())
     assert set(m["per_case"]) == {"volume-50", "volume-51"}
     assert m["summary"]["liver"]["dice_global"] is not None
+    code, text = run_main(cli, ["evaluate", out / "best.pt", tiny_data / "heldout", "--out", tmp_path / "big.json",
+                                "--min-tumour-ml", "1e6"], capsys, "seg-train")
+    big = json.loads((tmp_path / "big.json").read_text())
+    assert code == 0 and big["min_tumour_ml"] == 1e6 and m["min_tumour_ml"] == 0
+    for name, case in big["per_case"].items():  # every tumour component is under 1 L: all become liver
+        assert case["tumor"]["pred_voxels"] == 0
+        assert case["liver"]["pred_voxels"] == m["per_case"][name]["liver"]["pred_voxels"]
 
 
 def test_compare_pairs_evaluate_files_by_case(tiny_run, tiny_data, tmp_path, capsys):

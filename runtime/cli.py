@@ -106,11 +106,9 @@ def segment_files(paths: list[Path], backend, out_dir: Path, batch_size: int, sk
             if warning:
                 echo(f"warning: {p}: {warning}", err=True)
             s = time.perf_counter()
-            min_voxels = voxels_for_ml(min_tumour_ml, vol.spacing)
             if postprocess:
-                labels = post(labels, holes=holes, inplace=True, components=components, min_tumour_voxels=min_voxels)
-            else:
-                drop_small_tumours(labels, min_voxels)
+                labels = post(labels, holes=holes, inplace=True, components=components)
+            drop_small_tumours(labels, voxels_for_ml(min_tumour_ml, vol.spacing))
             stats = volume_stats(labels, vol.spacing)
             t.add("postprocess", time.perf_counter() - s)
             s = time.perf_counter()

@@ -185,18 +185,17 @@ def drop_small_tumours(labels: np.ndarray, min_voxels: int) -> np.ndarray:
     if box is None:
         return labels
     sub = labels[box]
-    lab, _ = ndimage.label(sub == 2)
-    sizes = np.bincount(lab.ravel())
-    small = sizes < min_voxels
+    tumour = sub == 2
+    lab, _ = ndimage.label(tumour)
+    small = np.bincount(lab[tumour]) < min_voxels  # tumour voxels only: a fraction of the box
     small[0] = False
     sub[small[lab]] = 1
     return labels
 
 
 def postprocess(labels: np.ndarray, keep_largest: bool = True, holes: bool = False, inplace: bool = False,
-                components: StreamingComponents | None = None, min_tumour_voxels: int = 0) -> np.ndarray:
-    """Largest connected liver region (label >= 1); tumour only inside it; optional hole filling;
-    tumour components smaller than ``min_tumour_voxels`` become liver.
+                components: StreamingComponents | None = None) -> np.ndarray:
+    """Largest connected liver region (label >= 1); tumour only inside it; optional hole filling.
 
     Works inside the bounding box of the foreground: outside it everything is background, and
     a full-volume pass costs more than all the rest on a 512x512 volume. ``inplace`` rewrites
@@ -220,7 +219,6 @@ def postprocess(labels: np.ndarray, keep_largest: bool = True, holes: bool = Fal
         sub[...] = kept.view(np.uint8) + (kept & (sub == 2))
     else:
         np.multiply(sub, kept.view(np.uint8), out=sub)  # kept is inside the liver: labels stay or drop to 0
-    drop_small_tumours(sub, min_tumour_voxels)
     return out
 
 

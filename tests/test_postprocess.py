@@ -125,12 +125,12 @@ def test_small_tumour_components_become_liver_and_larger_ones_stay():
     lab[2:5, 3:6, 3:6] = 2  # 27 voxels
     lab[7, 10, 10:12] = 2  # 2 voxels
     lab[5, 15, 15] = 2  # 1 voxel; touches the big lesion nowhere
-    out = postprocess(lab, min_tumour_voxels=27)
+    out = drop_small_tumours(postprocess(lab), 27)
     assert (out == 2).sum() == 27 and (out[2:5, 3:6, 3:6] == 2).all()
     assert out[7, 10, 10] == 1 and out[5, 15, 15] == 1  # relabelled as liver, not background
     assert ((out >= 1) == (lab >= 1)).all()
-    assert (postprocess(lab, min_tumour_voxels=28) == 2).sum() == 0
-    np.testing.assert_array_equal(postprocess(lab), lab)  # 0 keeps every lesion
+    assert (drop_small_tumours(postprocess(lab), 28) == 2).sum() == 0
+    np.testing.assert_array_equal(drop_small_tumours(postprocess(lab), 0), lab)  # 0 keeps every lesion
     only = lab.copy()
     assert drop_small_tumours(only, 3) is only and (only == 2).sum() == 27
 

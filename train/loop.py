@@ -24,7 +24,7 @@ from runtime.errors import InputError
 from runtime.inference import predict_labels
 from runtime.io import read_labels, read_volume, write_bytes_atomic
 from runtime.metrics import case_metrics, summarize
-from runtime.postprocess import postprocess, voxels_for_ml
+from runtime.postprocess import drop_small_tumours, postprocess, voxels_for_ml
 from runtime.spec import ModelSpec
 
 from .checkpoint import load_checkpoint, save_checkpoint
@@ -195,8 +195,8 @@ def evaluate_cases(model: torch.nn.Module, spec: ModelSpec, cases: list[Case], d
     for c in tqdm(cases, desc="validate", unit="case", leave=False, disable=not progress):
         vol = read_volume(c.image)
         ref = read_labels(c.label).data
-        pred = postprocess(predict_labels(vol.data, vol.spacing, spec, infer, batch),
-                           min_tumour_voxels=voxels_for_ml(min_tumour_ml, vol.spacing))
+        pred = postprocess(predict_labels(vol.data, vol.spacing, spec, infer, batch))
+        drop_small_tumours(pred, voxels_for_ml(min_tumour_ml, vol.spacing))
         per_case[c.name] = case_metrics(pred, ref, vol.spacing, surface=surface)
     return per_case
 

@@ -103,10 +103,15 @@ class CudaPython:
 
     def end_capture(self, stream):
         graph = self._ok(self.rt.cudaStreamEndCapture(stream), "cudaStreamEndCapture")
-        return self._ok(self.rt.cudaGraphInstantiate(graph, 0), "cudaGraphInstantiate")
+        instantiated = self.rt.cudaGraphInstantiate(graph, 0)
+        self._ok(self.rt.cudaGraphDestroy(graph), "cudaGraphDestroy")  # the executable graph does not need it
+        return self._ok(instantiated, "cudaGraphInstantiate")
 
     def launch(self, graph_exec, stream) -> None:
         self._ok(self.rt.cudaGraphLaunch(graph_exec, stream), "cudaGraphLaunch")
+
+    def destroy_graph(self, graph_exec) -> None:
+        self._ok(self.rt.cudaGraphExecDestroy(graph_exec), "cudaGraphExecDestroy")
 
     def close(self) -> None:
         pass
@@ -184,6 +189,9 @@ class PyCuda:
 
     def launch(self, graph_exec, stream) -> None:
         raise CudaError("CUDA graph capture is not available through pycuda here")
+
+    def destroy_graph(self, graph_exec) -> None:
+        pass  # capture never succeeds here, so there is no graph to destroy
 
     def close(self) -> None:
         self.ctx.pop()

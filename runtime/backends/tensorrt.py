@@ -8,7 +8,8 @@ Two buffer slots (pinned host + device memory sized for the profile's max batch,
 each) let ``submit`` enqueue batch i+1 (copy in, compute, copy out) while batch i is still
 in flight; ``collect`` waits for one slot. Events around each step give the trtexec-style
 split of host-to-device, compute and device-to-host time. Optionally, the enqueue of the
-steady-state batch size is captured once per slot as a CUDA graph and replayed.
+steady-state batch size is captured per slot as a CUDA graph and replayed; a slot whose
+context ran another batch size since (a volume's last, partial batch) captures again.
 """
 
 from __future__ import annotations
@@ -72,7 +73,7 @@ class TensorRTBackend(Backend):
                 "ctx": ctx, "stream": stream,
                 "h_in": cuda.host_empty((mx[0], c, h, w), self.in_dtype),
                 "h_out": cuda.host_empty((mx[0], k, h, w), self.out_dtype),
-                "events": [cuda.event() for _ in range(4)], "graph": None, "graph_batch": None, "n": 0,
+                "events": [cuda.event() for _ in range(4)], "graph": None, "shape": None, "out_shape": None,
             }
             slot["d_in"] = cuda.malloc(slot["h_in"].nbytes)
             slot["d_out"] = cuda.malloc(slot["h_out"].nbytes)
@@ -95,34 +96,46 @@ class TensorRTBackend(Backend):
         slot = self._slots[self._next]
         self._next ^= 1
         cuda, s = self.cuda, slot["stream"]
-        ctx = slot["ctx"]
-        if slot["graph_batch"] != n and not ctx.set_input_shape(self.in_name, tuple(batch.shape)):
-            raise SegError(f"input shape {tuple(batch.shape)} is outside the plan's optimisation profile")
-        missing = ctx.infer_shapes()
-        if missing:
-            raise SegError(f"TensorRT input shapes not fully specified: {missing}")
-        out_shape = tuple(ctx.get_tensor_shape(self.out_name))
+        self._set_shape(slot, tuple(batch.shape))
         h_in = slot["h_in"][:n]
         np.copyto(h_in, batch, casting="same_kind")
         ev = slot["events"]
         cuda.record(ev[0], s)
         cuda.htod_async(slot["d_in"], h_in, s)
         cuda.record(ev[1], s)
-        if self.use_graph and n == self.default_batch:
-            if slot["graph"] is None:
-                self._capture(slot, n)
-            if slot["graph"] is not None:
-                cuda.launch(slot["graph"], s)
-            else:
-                self._enqueue(slot)
+        if self.use_graph and n == self.default_batch and slot["graph"] is None:
+            self._capture(slot)
+        if self.use_graph and slot["graph"] is not None:
+            cuda.launch(slot["graph"], s)
         else:
             self._enqueue(slot)
         cuda.record(ev[2], s)
+        out_shape = slot["out_shape"]
         h_out = slot["h_out"].reshape(-1)[: int(np.prod(out_shape))].reshape(out_shape)
         cuda.dtoh_async(h_out, slot["d_out"], s)
         cuda.record(ev[3], s)
-        slot["n"], slot["out"] = n, h_out
+        slot["out"] = h_out
         return slot
+
+    def _set_shape(self, slot: dict, shape: tuple[int, ...]) -> None:
+        """Give the slot's context this input shape if it holds another. A graph captured at the
+        old shape is dropped: a graph freezes the shapes of its capture, and TensorRT wants one
+        plain enqueue after a shape change before the next capture."""
+        if slot["shape"] == shape:
+            return
+        ctx = slot["ctx"]
+        if not ctx.set_input_shape(self.in_name, shape):
+            raise SegError(f"input shape {shape} is outside the plan's optimisation profile")
+        missing = ctx.infer_shapes()
+        if missing:
+            raise SegError(f"TensorRT input shapes not fully specified: {missing}")
+        slot["shape"], slot["out_shape"] = shape, tuple(ctx.get_tensor_shape(self.out_name))
+        self._drop_graph(slot)
+
+    def _drop_graph(self, slot: dict) -> None:
+        if slot["graph"] is not None:
+            self.cuda.destroy_graph(slot["graph"])
+            slot["graph"] = None
 
     def collect(self, slot) -> np.ndarray:
         cuda = self.cuda
@@ -132,7 +145,7 @@ class TensorRTBackend(Backend):
             self.device_times_ms[key] += cuda.elapsed_ms(ev[a], ev[b])
         return np.array(slot["out"], dtype=np.float32, copy=True)
 
-    def _capture(self, slot: dict, n: int) -> None:
+    def _capture(self, slot: dict) -> None:
         """Capture the enqueue as a CUDA graph after a warm-up run; fall back to plain enqueues."""
         cuda, s = self.cuda, slot["stream"]
         try:
@@ -143,7 +156,7 @@ class TensorRTBackend(Backend):
                 self._enqueue(slot)
             finally:
                 graph = cuda.end_capture(s)
-            slot["graph"], slot["graph_batch"] = graph, n
+            slot["graph"] = graph
         except SegError:
             slot["graph"], self.use_graph = None, False
 
@@ -152,6 +165,8 @@ class TensorRTBackend(Backend):
 
     def release_impl(self) -> None:
         for slot in self._slots:
+            self.cuda.synchronize(slot["stream"])  # a failed run may leave copies in flight
+            self._drop_graph(slot)
             self.cuda.free(slot["d_in"])
             self.cuda.free(slot["d_out"])
             self.cuda.host_free(slot["h_in"])

@@ -1,0 +1,110 @@
+"""The TensorRT backend's own logic (buffer slots, shapes, CUDA graphs, release) and seg-run on
+a plan, with tests.fake_gpu standing in for tensorrt and CUDA. The real calls run only in
+the ``gpu`` test of test_backends.py."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from runtime.backends.plan import make_sidecar, sidecar_path
+from runtime.models import file_sha256, open_backend
+from tests.fake_gpu import DEVICE, VERSION, FakeCuda, fake_tensorrt
+from tests.models import threshold_model, threshold_spec
+
+PROFILE = (1, 4, 8)
+
+
+@pytest.fixture
+def fake_plan(tmp_path, monkeypatch):
+    """(plan, onnx, cuda): a plan whose bytes are a tiny ONNX model, with a matching sidecar."""
+    import runtime.backends.tensorrt as trt_backend
+
+    spec = threshold_spec()
+    onnx_path = threshold_model(tmp_path / "m.onnx", spec, tumour_level=0.6)
+    plan = tmp_path / "m.plan"
+    plan.write_bytes(onnx_path.read_bytes())
+    side = make_sidecar(spec, file_sha256(onnx_path), plan.read_bytes(), VERSION, DEVICE, PROFILE, {"optimization_level": 3}, 1 << 20)
+    sidecar_path(plan).write_text(json.dumps(side))
+    cuda = FakeCuda()
+    monkeypatch.setitem(sys.modules, "tensorrt", fake_tensorrt(cuda, PROFILE))
+    monkeypatch.setattr(trt_backend, "load_cuda", lambda: cuda)
+    return plan, onnx_path, cuda
+
+
+def batches(sizes, seed=0):
+    rng = np.random.default_rng(seed)
+    return [rng.random((n, 1, 64, 64), dtype=np.float32) for n in sizes]
+
+
+@pytest.mark.parametrize("graph", [False, True])
+def test_every_batch_size_in_any_order_gives_the_models_logits(fake_plan, graph):
+    plan, onnx_path, cuda = fake_plan
+    # each slot sees a full batch, then a partial one, then a full one again
+    xs = batches([4, 4, 3, 4, 4, 2, 4, 1, 8, 4])
+    with open_backend(onnx_path) as ref_be:
+        expected = [ref_be.infer(x) for x in xs]
+    with open_backend(plan, cuda_graph=graph) as be:
+        assert (be.min_batch, be.default_batch, be.max_batch) == PROFILE and be.in_flight == 2
+        for x, e in zip(xs, expected):
+            got = be.infer(x)
+            assert got.shape == e.shape
+            np.testing.assert_allclose(got, e, atol=1e-5)
+    # every batch of 4 (the profile's opt) replays a graph; a slot captures again only after
+    # its context ran another shape: slot A at batches 0 and 4, slot B at batches 1 and 9
+    assert (cuda.launches, cuda.captures) == ((6, 4) if graph else (0, 0))
+    assert not cuda.mem and not cuda.host and not cuda.streams and not cuda.graphs and cuda.closed
+
+
+def test_two_batches_in_flight_come_back_in_order(fake_plan):
+    plan, onnx_path, _ = fake_plan
+    xs = batches([4, 4, 4, 2], seed=1)
+    with open_backend(onnx_path) as ref_be:
+        expected = [ref_be.infer(x) for x in xs]
+    with open_backend(plan, cuda_graph=True) as be:
+        got = []
+        tokens = [be.submit(xs[0]), be.submit(xs[1])]  # both slots busy; nothing has run yet
+        got.append(be.collect(tokens.pop(0)))
+        tokens.append(be.submit(xs[2]))
+        got.append(be.collect(tokens.pop(0)))
+        tokens.append(be.submit(xs[3]))
+        got += [be.collect(t) for t in tokens]
+    for g, e in zip(got, expected):
+        np.testing.assert_allclose(g, e, atol=1e-5)
+
+
+def test_a_batch_outside_the_profile_is_refused(fake_plan):
+    from runtime.errors import SegError
+
+    plan, _, _ = fake_plan
+    with open_backend(plan) as be, pytest.raises(SegError, match="outside"):
+        be.infer(np.zeros((9, 1, 64, 64), np.float32))
+
+
+def test_seg_run_on_a_plan_writes_the_masks_onnxruntime_writes(fake_plan, tmp_path, capsys):
+    from runtime.cli import cli
+    from runtime.phantoms import canonical, make_phantom
+    from tests.conftest import run_main, save_nifti
+
+    plan, onnx_path, cuda = fake_plan
+    (tmp_path / "in").mkdir()
+    for k in range(2):
+        # stored RAS, so slices are read bottom up: batches of 4, 4, 4, 4, 2 on slots A, B, A, B, A;
+        # the next volume's second batch of 4 is the first on slot A after its partial batch
+        hu, _, (sz, sy, sx) = canonical(make_phantom(5, k, size=64, slices=18))
+        save_nifti(tmp_path / "in" / f"case{k}.nii.gz", np.ascontiguousarray(hu.transpose(2, 1, 0)), np.diag([sx, sy, sz, 1.0]))
+    for model, out in ((onnx_path, "ort"), (plan, "trt")):
+        code, text = run_main(cli, [tmp_path / "in", "--model", model, "-o", tmp_path / out, "--batch-size", 4, "--cuda-graph"], capsys)
+        assert code == 0, text
+    assert cuda.launches > 0
+    for k in range(2):
+        a = np.asanyarray(nib.load(str(tmp_path / "ort" / f"case{k}_seg.nii.gz")).dataobj)
+        b = np.asanyarray(nib.load(str(tmp_path / "trt" / f"case{k}_seg.nii.gz")).dataobj)
+        assert (a == 2).any() and (a == 1).any()
+        np.testing.assert_array_equal(b, a)
+        report = json.loads((tmp_path / "trt" / f"case{k}.json").read_text())
+        assert report["backend"] == "tensorrt"

@@ -40,6 +40,7 @@ class FakeCuda:
         self._ids = count(0x1000, 0x1000)
         self.graphs: set[int] = set()
         self.launches = self.captures = 0
+        self.clock_ms = 0.0  # each copy or engine run takes 1 ms of device time
         self.closed = False
 
     def device_info(self, index: int = 0) -> DeviceInfo:
@@ -81,12 +82,14 @@ class FakeCuda:
         def op():
             raw = src.reshape(-1).view(np.uint8)
             self.mem[dst][: raw.size] = raw
+            self.clock_ms += 1
         self.enqueue(stream.handle, op)
 
     def dtoh_async(self, dst: np.ndarray, src: int, stream: _Stream) -> None:
         def op():
             raw = dst.reshape(-1).view(np.uint8)
             raw[:] = self.mem[src][: raw.size]
+            self.clock_ms += 1
         self.enqueue(stream.handle, op)
 
     def synchronize(self, stream: _Stream) -> None:
@@ -98,10 +101,12 @@ class FakeCuda:
         return [0.0]
 
     def record(self, event: list, stream: _Stream) -> None:
-        self.enqueue(stream.handle, lambda: None)
+        def op():
+            event[0] = self.clock_ms
+        self.enqueue(stream.handle, op)
 
-    def elapsed_ms(self, start, end) -> float:
-        return 0.0
+    def elapsed_ms(self, start: list, end: list) -> float:
+        return end[0] - start[0]
 
     def begin_capture(self, stream: _Stream) -> None:
         stream.capture = []
@@ -165,6 +170,7 @@ class _Context:
             x = cuda.mem[d_in][: int(np.prod(shape)) * 4].view(np.float32).reshape(shape)
             y = np.ascontiguousarray(e.session.run(None, {e.input: x})[0], np.float32).reshape(-1).view(np.uint8)
             cuda.mem[d_out][: y.size] = y
+            cuda.clock_ms += 1
         cuda.enqueue(stream_handle, op)
         self.ran.add(shape)
         return True

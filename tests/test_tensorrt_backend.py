@@ -108,3 +108,17 @@ def test_seg_run_on_a_plan_writes_the_masks_onnxruntime_writes(fake_plan, tmp_pa
         np.testing.assert_array_equal(b, a)
         report = json.loads((tmp_path / "trt" / f"case{k}.json").read_text())
         assert report["backend"] == "tensorrt"
+
+
+def test_latency_suite_on_a_plan_reports_each_volume_runs_own_device_time(fake_plan, tmp_path):
+    from benchmarks.latency import measure_model
+    from runtime.phantoms import canonical, make_phantom
+    from tests.conftest import save_nifti
+
+    plan, _, _ = fake_plan
+    hu, _, (sz, sy, sx) = canonical(make_phantom(5, 0, size=64, slices=18))
+    vol = save_nifti(tmp_path / "v.nii.gz", np.ascontiguousarray(hu.transpose(2, 1, 0)), np.diag([sx, sy, sz, 1.0]))
+    out = measure_model(str(plan), [str(vol)], [1, 4, 16], "auto", 0, warmup=1, repeats=3, volume_repeats=2, vol_batch=4)
+    assert out["backend"] == "tensorrt" and [r["batch"] for r in out["rows"]] == [1, 4]  # 16 is outside the profile
+    # one run of 18 slices is 5 batches; every copy and engine run takes 1 ms of fake device time
+    assert out["volumes"][0]["device_ms"] == {"h2d": 5.0, "compute": 5.0, "d2h": 5.0}

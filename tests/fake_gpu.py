@@ -6,12 +6,14 @@ work on a stream runs in submission order only when the stream is synchronized (
 buffer reused too early is read late); an execution context has no input shape until one is
 set; ``execute_async_v3`` on a shape never run before fails inside graph capture (lazy
 initialisation); a captured graph replays the shapes and addresses of capture time,
-whatever the context holds later. The engine's arithmetic is ONNX Runtime running the ONNX
-model whose bytes stand in for the plan.
+whatever the context holds later. The builder checks the batch profile against the ONNX model's static
+dimensions; the plan it writes holds the profile and the ONNX model, and the engine's
+arithmetic is ONNX Runtime running that model.
 """
 
 from __future__ import annotations
 
+import json
 import types
 from itertools import count
 
@@ -176,17 +178,27 @@ class _Context:
         return True
 
 
+PLAN_MAGIC = b"FAKEPLAN\n"
+
+
+def fake_plan_bytes(onnx_bytes: bytes, profile: tuple[int, int, int]) -> bytes:
+    """What the fake builder writes: the batch profile, then the ONNX model."""
+    return PLAN_MAGIC + json.dumps({"profile": list(profile)}).encode() + b"\n" + onnx_bytes
+
+
 class _Engine:
-    def __init__(self, onnx_bytes: bytes, profile: tuple[int, int, int], cuda: FakeCuda):
+    def __init__(self, plan: bytes, cuda: FakeCuda | None):
         import onnxruntime as ort
 
+        head, onnx_bytes = plan[len(PLAN_MAGIC):].split(b"\n", 1)
         self.session = ort.InferenceSession(onnx_bytes, providers=["CPUExecutionProvider"])
         i, o = self.session.get_inputs()[0], self.session.get_outputs()[0]
         self.input, self.output = i.name, o.name
         self.chw = tuple(i.shape[1:])
         self.classes = o.shape[1]
-        self.profile, self.cuda = profile, cuda
+        self.profile, self.cuda = tuple(json.loads(head)["profile"]), cuda
         self.num_io_tensors = 2
+        self.device_memory_size_v2 = 3 << 20
 
     def get_tensor_name(self, i: int) -> str:
         return (self.input, self.output)[i]
@@ -206,13 +218,110 @@ class _Engine:
         return _Context(self)
 
 
-def fake_tensorrt(cuda: FakeCuda, profile: tuple[int, int, int]) -> types.ModuleType:
-    """A module with the few tensorrt names the backend uses; plans are ONNX bytes."""
+class _ParserError:
+    def __init__(self, desc: str):
+        self._desc = desc
+
+    def code(self) -> int:
+        return 1
+
+    def desc(self) -> str:
+        return self._desc
+
+    def node(self) -> int:
+        return 0
+
+    def node_name(self) -> str:
+        return "conv0"
+
+    def node_operator(self) -> str:
+        return "Conv"
+
+
+class _Network:
+    def __init__(self, flags: int):
+        self.flags, self.onnx, self.input = flags, None, None
+
+
+class _Parser:
+    reject: str | None = None  # set by a test: the parser fails with this description
+
+    def __init__(self, network: _Network, logger):
+        self.network, self.errors = network, []
+
+    @property
+    def num_errors(self) -> int:
+        return len(self.errors)
+
+    def get_error(self, i: int) -> _ParserError:
+        return self.errors[i]
+
+    def parse(self, data: bytes, path: str | None = None) -> bool:
+        import onnx
+
+        if self.reject:
+            self.errors.append(_ParserError(self.reject))
+            return False
+        model = onnx.load_from_string(data)
+        self.network.onnx, self.network.input = data, model.graph.input[0]
+        return True
+
+
+class _Profile:
+    def __init__(self):
+        self.shapes = {}
+
+    def set_shape(self, name: str, lo, opt, hi) -> None:
+        if not all(a <= b <= c for a, b, c in zip(lo, opt, hi)):
+            raise ValueError("min <= opt <= max violated")
+        self.shapes[name] = (tuple(lo), tuple(opt), tuple(hi))
+
+
+class _TimingCache:
+    def __init__(self, data: bytes):
+        self.data = data
+
+    def serialize(self) -> bytes:
+        return self.data
+
+
+class _Config:
+    def __init__(self):
+        self.profiles, self.flags, self.pools, self.cache = [], [], {}, None
+        self.builder_optimization_level = 3
+
+    def set_flag(self, flag) -> None:
+        self.flags.append(flag)
+
+    def set_memory_pool_limit(self, pool, size: int) -> None:
+        self.pools[pool] = size
+
+    def add_optimization_profile(self, profile: _Profile) -> int:
+        self.profiles.append(profile)
+        return len(self.profiles) - 1
+
+    def create_timing_cache(self, data: bytes) -> _TimingCache:
+        return _TimingCache(bytes(data))
+
+    def set_timing_cache(self, cache: _TimingCache, ignore_mismatch: bool) -> bool:
+        self.cache = cache
+        return True
+
+    def get_timing_cache(self) -> _TimingCache:
+        return self.cache
+
+
+def fake_tensorrt(cuda: FakeCuda | None = None, version: str = VERSION) -> types.ModuleType:
+    """A module with the tensorrt names the project uses, as ``version`` has them (11.x has no
+    EXPLICIT_BATCH flag and no precision builder flags). Builds records what they were given
+    in ``trt.builds``; plans are ``fake_plan_bytes``."""
     trt = types.ModuleType("tensorrt")
-    trt.__version__ = VERSION
+    trt.__version__ = version
+    trt.builds = []
+    v11 = int(version.split(".")[0]) >= 11
 
     class Logger:
-        WARNING = 2
+        WARNING, VERBOSE = 2, 4
 
         def __init__(self, level=WARNING):
             self.level = level
@@ -222,9 +331,42 @@ def fake_tensorrt(cuda: FakeCuda, profile: tuple[int, int, int]) -> types.Module
             self.logger = logger
 
         def deserialize_cuda_engine(self, plan: bytes):
-            return _Engine(plan, profile, cuda)
+            return _Engine(bytes(plan), cuda) if bytes(plan).startswith(PLAN_MAGIC) else None
 
-    trt.Logger, trt.Runtime = Logger, Runtime
+    class Builder:
+        def __init__(self, logger):
+            self.logger = logger
+
+        def create_network(self, flags: int = 0) -> _Network:
+            return _Network(flags)
+
+        def create_builder_config(self) -> _Config:
+            return _Config()
+
+        def create_optimization_profile(self) -> _Profile:
+            return _Profile()
+
+        def build_serialized_network(self, network: _Network, config: _Config):
+            import onnx
+
+            trt.builds.append({"network": network, "config": config})
+            name = network.input.name
+            dims = [d.dim_value or None for d in network.input.type.tensor_type.shape.dim]
+            if len(config.profiles) != 1 or name not in config.profiles[0].shapes:
+                return None
+            lo, opt, hi = config.profiles[0].shapes[name]
+            if any(d is not None and d != x for shape in (lo, opt, hi) for d, x in zip(dims[1:], shape[1:])):
+                return None  # a profile that contradicts the model's static dimensions
+            if config.cache is not None:
+                config.cache = _TimingCache(config.cache.data + b"+")
+            onnx.load_from_string(network.onnx)
+            return fake_plan_bytes(network.onnx, (lo[0], opt[0], hi[0]))
+
+    flags = {"STRONGLY_TYPED": 1} if v11 else {"EXPLICIT_BATCH": 0, "STRONGLY_TYPED": 1}
+    trt.NetworkDefinitionCreationFlag = types.SimpleNamespace(**flags)
+    trt.BuilderFlag = types.SimpleNamespace(TF32=1) if v11 else types.SimpleNamespace(TF32=1, FP16=2, INT8=3)
+    trt.MemoryPoolType = types.SimpleNamespace(WORKSPACE=0)
+    trt.Logger, trt.Runtime, trt.Builder, trt.OnnxParser = Logger, Runtime, Builder, _Parser
     trt.TensorIOMode = types.SimpleNamespace(INPUT="input", OUTPUT="output")
     trt.nptype = lambda dt: dt
     return trt

@@ -1,6 +1,6 @@
-"""The TensorRT backend's own logic (buffer slots, shapes, CUDA graphs, release) and seg-run on
-a plan, with tests.fake_gpu standing in for tensorrt and CUDA. The real calls run only in
-the ``gpu`` test of test_backends.py."""
+"""seg-export build-engine, the TensorRT backend's own logic (buffer slots, shapes, CUDA
+graphs, release), seg-run and seg-bench on a plan, with tests.fake_gpu standing in for
+tensorrt and CUDA. The real calls run only in the ``gpu`` test of test_backends.py."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import pytest
 
 from runtime.backends.plan import make_sidecar, sidecar_path
 from runtime.models import file_sha256, open_backend
-from tests.fake_gpu import DEVICE, VERSION, FakeCuda, fake_tensorrt
+from tests.fake_gpu import DEVICE, VERSION, FakeCuda, fake_plan_bytes, fake_tensorrt
 from tests.models import threshold_model, threshold_spec
 
 PROFILE = (1, 4, 8)
@@ -21,17 +21,17 @@ PROFILE = (1, 4, 8)
 
 @pytest.fixture
 def fake_plan(tmp_path, monkeypatch):
-    """(plan, onnx, cuda): a plan whose bytes are a tiny ONNX model, with a matching sidecar."""
+    """(plan, onnx, cuda): a fake plan of a tiny ONNX model, with a matching sidecar."""
     import runtime.backends.tensorrt as trt_backend
 
     spec = threshold_spec()
     onnx_path = threshold_model(tmp_path / "m.onnx", spec, tumour_level=0.6)
     plan = tmp_path / "m.plan"
-    plan.write_bytes(onnx_path.read_bytes())
+    plan.write_bytes(fake_plan_bytes(onnx_path.read_bytes(), PROFILE))
     side = make_sidecar(spec, file_sha256(onnx_path), plan.read_bytes(), VERSION, DEVICE, PROFILE, {"optimization_level": 3}, 1 << 20)
     sidecar_path(plan).write_text(json.dumps(side))
     cuda = FakeCuda()
-    monkeypatch.setitem(sys.modules, "tensorrt", fake_tensorrt(cuda, PROFILE))
+    monkeypatch.setitem(sys.modules, "tensorrt", fake_tensorrt(cuda))
     monkeypatch.setattr(trt_backend, "load_cuda", lambda: cuda)
     return plan, onnx_path, cuda
 
@@ -122,3 +122,73 @@ def test_latency_suite_on_a_plan_reports_each_volume_runs_own_device_time(fake_p
     assert out["backend"] == "tensorrt" and [r["batch"] for r in out["rows"]] == [1, 4]  # 16 is outside the profile
     # one run of 18 slices is 5 batches; every copy and engine run takes 1 ms of fake device time
     assert out["volumes"][0]["device_ms"] == {"h2d": 5.0, "compute": 5.0, "d2h": 5.0}
+
+
+@pytest.fixture
+def fake_trt(tmp_path, monkeypatch):
+    """A factory: fake tensorrt of a version, and a fake GPU, in place of the real ones."""
+    import runtime.backends.cuda as cuda_mod
+    import runtime.backends.tensorrt as trt_backend
+
+    def install(version: str):
+        cuda = FakeCuda()
+        trt = fake_tensorrt(cuda, version)
+        monkeypatch.setitem(sys.modules, "tensorrt", trt)
+        monkeypatch.setattr(cuda_mod, "load_cuda", lambda: cuda)
+        monkeypatch.setattr(trt_backend, "load_cuda", lambda: cuda)
+        return trt
+
+    return install
+
+
+def build_cmd(onnx_path, plan, cache):
+    return ["build-engine", onnx_path, "-o", plan, "--opt-batch", 4, "--max-batch", 8, "--timing-cache", cache]
+
+
+@pytest.mark.parametrize("version", ["10.3.0", "11.4.0.106"])
+def test_build_engine_writes_a_plan_the_backend_runs(fake_trt, tmp_path, capsys, version):
+    from export.cli import cli as export_cli
+    from runtime.backends.plan import read_sidecar
+    from tests.conftest import run_main
+
+    trt = fake_trt(version)
+    onnx_path = threshold_model(tmp_path / "m.onnx", threshold_spec(), tumour_level=0.6)
+    plan, cache = tmp_path / "m.plan", tmp_path / "timing.cache"
+    for _ in range(2):
+        code, text = run_main(export_cli, build_cmd(onnx_path, plan, cache), capsys, "seg-export")
+        assert code == 0, text
+    assert f"TensorRT {version} on Fake GPU, batch 1/4/8, 3 MiB device memory" in text
+    side = read_sidecar(plan)
+    assert side["profile"] == {"min_batch": 1, "opt_batch": 4, "max_batch": 8} and side["tensorrt_version"] == version
+    assert side["onnx_sha256"] == file_sha256(onnx_path) and side["builder"]["strongly_typed"]
+    build = trt.builds[-1]
+    # strongly typed, no precision flags (11.x has none; 10.x refuses FP16 on a strongly typed network)
+    assert build["network"].flags == 1 << 1 and build["config"].flags == []
+    assert build["config"].profiles[0].shapes == {"slices": ((1, 1, 64, 64), (4, 1, 64, 64), (8, 1, 64, 64))}
+    assert build["config"].pools == {0: 1024 << 20}
+    assert cache.read_bytes() == b"++"  # the second build started from the first one's cache
+    x = batches([4])[0]
+    with open_backend(onnx_path) as ref_be, open_backend(plan) as be:
+        np.testing.assert_allclose(be.infer(x), ref_be.infer(x), atol=1e-5)
+
+
+@pytest.mark.parametrize("failure", ["parser", "builder"])
+def test_a_failed_build_says_why_and_writes_nothing(fake_trt, tmp_path, capsys, monkeypatch, failure):
+    import tests.fake_gpu as fake_gpu
+    from export.cli import cli as export_cli
+    from tests.conftest import run_main
+
+    trt = fake_trt("11.4.0.106")
+    if failure == "parser":
+        monkeypatch.setattr(fake_gpu._Parser, "reject", "No importer registered for op: Foo")
+    else:
+        monkeypatch.setattr(trt.Builder, "build_serialized_network", lambda self, network, config: None)
+    onnx_path = threshold_model(tmp_path / "m.onnx")
+    plan, cache = tmp_path / "m.plan", tmp_path / "timing.cache"
+    code, text = run_main(export_cli, build_cmd(onnx_path, plan, cache), capsys, "seg-export")
+    assert code != 0 and len(text.strip().splitlines()) == 1 and "Traceback" not in text
+    if failure == "parser":
+        assert "ONNX parser rejected" in text and "node 0 (conv0, Conv): No importer registered for op: Foo" in text
+    else:
+        assert "could not build the engine" in text
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx"]

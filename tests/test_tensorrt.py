@@ -21,14 +21,18 @@ PROFILE = (1, 4, 8)
 
 @pytest.fixture
 def fake_plan(tmp_path, monkeypatch):
+    return make_fake_plan(tmp_path, monkeypatch, PROFILE)
+
+
+def make_fake_plan(tmp_path, monkeypatch, profile):
     """(plan, onnx, cuda): a fake plan of a tiny ONNX model, with a matching sidecar."""
     import runtime.backends.tensorrt as trt_backend
 
     spec = threshold_spec()
     onnx_path = threshold_model(tmp_path / "m.onnx", spec, tumour_level=0.6)
     plan = tmp_path / "m.plan"
-    plan.write_bytes(fake_plan_bytes(onnx_path.read_bytes(), PROFILE))
-    side = make_sidecar(spec, file_sha256(onnx_path), plan.read_bytes(), VERSION, DEVICE, PROFILE, {"optimization_level": 3}, 1 << 20)
+    plan.write_bytes(fake_plan_bytes(onnx_path.read_bytes(), profile))
+    side = make_sidecar(spec, file_sha256(onnx_path), plan.read_bytes(), VERSION, DEVICE, profile, {"optimization_level": 3}, 1 << 20)
     sidecar_path(plan).write_text(json.dumps(side))
     cuda = FakeCuda()
     monkeypatch.setitem(sys.modules, "tensorrt", fake_tensorrt(cuda))
@@ -122,6 +126,22 @@ def test_latency_suite_on_a_plan_reports_each_volume_runs_own_device_time(fake_p
     assert out["backend"] == "tensorrt" and [r["batch"] for r in out["rows"]] == [1, 4]  # 16 is outside the profile
     # one run of 18 slices is 5 batches; every copy and engine run takes 1 ms of fake device time
     assert out["volumes"][0]["device_ms"] == {"h2d": 5.0, "compute": 5.0, "d2h": 5.0}
+
+
+def test_parity_suite_runs_a_plan_whose_profile_is_below_its_batch(tmp_path, monkeypatch):
+    from benchmarks.parity import parity
+    from runtime.io import write_nifti
+    from runtime.phantoms import make_phantom, phantom_images
+
+    plan, onnx_path, _ = make_fake_plan(tmp_path, monkeypatch, (1, 2, 4))
+    data = tmp_path / "data"
+    data.mkdir()
+    img, seg = phantom_images(make_phantom(5, 0, size=64, slices=18))
+    write_nifti(img, data / "volume-0.nii.gz")
+    write_nifti(seg, data / "segmentation-0.nii.gz")
+    res = parity(str(onnx_path), [str(plan)], str(data), batch=8)["models"][str(plan)]
+    assert res["error"] is None and res["pass"] and res["agreement_mean"] == 1.0
+    assert res["max_abs_logit_diff"] < 1e-4
 
 
 @pytest.fixture

@@ -6,9 +6,9 @@ work on a stream runs in submission order only when the stream is synchronized (
 buffer reused too early is read late); an execution context has no input shape until one is
 set; ``execute_async_v3`` on a shape never run before fails inside graph capture (lazy
 initialisation); a captured graph replays the shapes and addresses of capture time,
-whatever the context holds later. The builder checks the batch profile against the ONNX model's static
-dimensions; the plan it writes holds the profile and the ONNX model, and the engine's
-arithmetic is ONNX Runtime running that model.
+whatever the context holds later. The builder checks the batch profile against the ONNX
+model's static dimensions; the plan it writes holds the profile and the ONNX model, and the
+engine's arithmetic is ONNX Runtime running that model.
 """
 
 from __future__ import annotations

@@ -193,6 +193,9 @@ def cli(inputs, model, out_dir, demo, backend, provider, threads, streams, batch
     check_output_dir(out_dir)
     with open_backend(model, backend, provider, threads, cuda_graph=cuda_graph, streams=streams) as be:
         bs = batch_size or be.default_batch
+        if be.max_batch and bs > be.max_batch:
+            raise InputError(f"--batch-size {bs} is above {Path(model).name}'s max batch {be.max_batch}; use --batch-size "
+                             f"{be.max_batch} or less, or rebuild the plan with --max-batch {bs}")
         click.echo(f"backend: {be.describe()}, batch {bs} (--backend {backend} chose {be.name})", err=True)
         results = segment_files(paths, be, out_dir, bs, skip_existing, not no_postprocess, fill_holes, overlay,
                                 probabilities=probabilities, min_tumour_ml=min_tumour_ml)

@@ -114,6 +114,18 @@ def test_seg_run_on_a_plan_writes_the_masks_onnxruntime_writes(fake_plan, tmp_pa
         assert report["backend"] == "tensorrt"
 
 
+def test_seg_run_refuses_a_batch_above_the_plans_profile_before_any_volume(fake_plan, tmp_path, capsys):
+    from runtime.cli import cli
+    from tests.conftest import run_main, save_nifti
+
+    plan, _, _ = fake_plan
+    vol = save_nifti(tmp_path / "v.nii.gz", np.zeros((64, 64, 18), np.int16), np.diag([6.0, 6.0, 5.0, 1.0]))
+    code, text = run_main(cli, [vol, "--model", plan, "-o", tmp_path / "out", "--batch-size", 16], capsys)
+    assert code != 0 and "Traceback" not in text
+    assert "--batch-size 16 is above m.plan's max batch 8; use --batch-size 8 or less, or rebuild the plan with --max-batch 16" in text
+    assert not list(tmp_path.glob("out/*"))
+
+
 def test_latency_suite_on_a_plan_reports_each_volume_runs_own_device_time(fake_plan, tmp_path):
     from benchmarks.latency import measure_model
     from runtime.phantoms import canonical, make_phantom

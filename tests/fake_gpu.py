@@ -13,6 +13,7 @@ engine's arithmetic is ONNX Runtime running that model.
 
 from __future__ import annotations
 
+import ctypes
 import json
 import types
 from itertools import count
@@ -30,31 +31,99 @@ class _Stream:
         self.handle, self.queue, self.capture = handle, [], None
 
 
+class Device:
+    """What both fakes share: memory at real host addresses (so pointers handed around are
+    real), streams whose work runs at synchronize, and graph capture."""
+
+    def __init__(self) -> None:
+        self.buffers: dict[int, ctypes.Array] = {}
+        self.streams: dict[int, _Stream] = {}
+        self.graphs: set[int] = set()
+        self._handles = count(0x1000)
+        self.launches = self.captures = 0
+        self.clock_ms = 0.0  # each copy or engine run takes 1 ms of device time
+
+    def alloc(self, nbytes: int) -> int:
+        buf = ctypes.create_string_buffer(max(int(nbytes), 1))
+        self.buffers[ctypes.addressof(buf)] = buf
+        return ctypes.addressof(buf)
+
+    def free(self, ptr: int) -> None:
+        del self.buffers[int(ptr)]
+
+    def copy(self, dst: int, src: int, nbytes: int) -> None:
+        ctypes.memmove(dst, src, nbytes)
+        self.clock_ms += 1
+
+    def new_stream(self) -> int:
+        s = _Stream(next(self._handles))
+        self.streams[s.handle] = s
+        return s.handle
+
+    def destroy_stream(self, handle: int) -> None:
+        assert not self.streams[handle].queue, "stream destroyed with work pending"
+        del self.streams[handle]
+
+    def capturing(self, handle: int) -> bool:
+        return self.streams[handle].capture is not None
+
+    def enqueue(self, handle: int, op) -> None:
+        s = self.streams[handle]
+        (s.capture if s.capture is not None else s.queue).append(op)
+
+    def synchronize(self, handle: int) -> None:
+        s = self.streams[handle]
+        assert s.capture is None, "synchronize inside graph capture"
+        while s.queue:
+            s.queue.pop(0)()
+
+    def begin_capture(self, handle: int) -> None:
+        self.streams[handle].capture = []
+
+    def end_capture(self, handle: int) -> list:
+        s = self.streams[handle]
+        graph, s.capture = s.capture, None
+        self.graphs.add(id(graph))
+        self.captures += 1
+        return graph
+
+    def destroy_graph(self, graph: list) -> None:
+        self.graphs.remove(id(graph))
+
+    def launch(self, graph: list, handle: int) -> None:
+        assert id(graph) in self.graphs, "launch of a destroyed graph"
+        self.launches += 1
+        for op in graph:
+            self.enqueue(handle, op)
+
+    def record(self, event: list, handle: int) -> None:
+        def op():
+            event[0] = self.clock_ms
+        self.enqueue(handle, op)
+
+    def idle(self) -> bool:
+        """Nothing allocated, no stream or graph left."""
+        return not self.buffers and not self.streams and not self.graphs
+
+
 class FakeCuda:
-    """The interface of runtime.backends.cuda over host memory."""
+    """The interface of runtime.backends.cuda (CudaPython, PyCuda) over a fake Device."""
 
     name = "fake-cuda"
 
-    def __init__(self) -> None:
-        self.mem: dict[int, np.ndarray] = {}
-        self.streams: dict[int, _Stream] = {}
+    def __init__(self, device: Device | None = None) -> None:
+        self.dev = device or Device()
         self.host: set[int] = set()
-        self._ids = count(0x1000, 0x1000)
-        self.graphs: set[int] = set()
-        self.launches = self.captures = 0
-        self.clock_ms = 0.0  # each copy or engine run takes 1 ms of device time
         self.closed = False
 
     def device_info(self, index: int = 0) -> DeviceInfo:
         return DEVICE
 
     def malloc(self, nbytes: int) -> int:
-        ptr = next(self._ids)
-        self.mem[ptr] = np.zeros(nbytes, np.uint8)
-        return ptr
+        return self.dev.alloc(nbytes)
 
     def free(self, ptr: int) -> None:
-        del self.mem[ptr]
+        self.dev.free(ptr)
 
     def host_empty(self, shape, dtype) -> np.ndarray:
         arr = np.empty(shape, dtype)
@@ -64,72 +133,175 @@ class FakeCuda:
     def host_free(self, arr: np.ndarray) -> None:
         self.host.remove(id(arr))
 
-    def stream(self) -> _Stream:
-        s = _Stream(next(self._ids))
-        self.streams[s.handle] = s
-        return s
+    def stream(self) -> int:
+        return self.dev.new_stream()
 
-    def stream_handle(self, stream: _Stream) -> int:
-        return stream.handle
+    def stream_handle(self, stream: int) -> int:
+        return stream
 
-    def destroy_stream(self, stream: _Stream) -> None:
-        assert not stream.queue, "stream destroyed with work pending"
-        del self.streams[stream.handle]
+    def destroy_stream(self, stream: int) -> None:
+        self.dev.destroy_stream(stream)
 
-    def enqueue(self, handle: int, op) -> None:
-        s = self.streams[handle]
-        (s.capture if s.capture is not None else s.queue).append(op)
+    def htod_async(self, dst: int, src: np.ndarray, stream: int) -> None:
+        self.dev.enqueue(stream, lambda: self.dev.copy(dst, src.ctypes.data, src.nbytes))
 
-    def htod_async(self, dst: int, src: np.ndarray, stream: _Stream) -> None:
-        def op():
-            raw = src.reshape(-1).view(np.uint8)
-            self.mem[dst][: raw.size] = raw
-            self.clock_ms += 1
-        self.enqueue(stream.handle, op)
+    def dtoh_async(self, dst: np.ndarray, src: int, stream: int) -> None:
+        self.dev.enqueue(stream, lambda: self.dev.copy(dst.ctypes.data, src, dst.nbytes))
 
-    def dtoh_async(self, dst: np.ndarray, src: int, stream: _Stream) -> None:
-        def op():
-            raw = dst.reshape(-1).view(np.uint8)
-            raw[:] = self.mem[src][: raw.size]
-            self.clock_ms += 1
-        self.enqueue(stream.handle, op)
-
-    def synchronize(self, stream: _Stream) -> None:
-        assert stream.capture is None, "synchronize inside graph capture"
-        while stream.queue:
-            stream.queue.pop(0)()
+    def synchronize(self, stream: int) -> None:
+        self.dev.synchronize(stream)
 
     def event(self) -> list:
         return [0.0]
 
-    def record(self, event: list, stream: _Stream) -> None:
-        def op():
-            event[0] = self.clock_ms
-        self.enqueue(stream.handle, op)
+    def record(self, event: list, stream: int) -> None:
+        self.dev.record(event, stream)
 
     def elapsed_ms(self, start: list, end: list) -> float:
         return end[0] - start[0]
 
-    def begin_capture(self, stream: _Stream) -> None:
-        stream.capture = []
+    def begin_capture(self, stream: int) -> None:
+        self.dev.begin_capture(stream)
 
-    def end_capture(self, stream: _Stream) -> list:
-        graph, stream.capture = stream.capture, None
-        self.graphs.add(id(graph))
-        self.captures += 1
-        return graph
+    def end_capture(self, stream: int) -> list:
+        return self.dev.end_capture(stream)
 
     def destroy_graph(self, graph: list) -> None:
-        self.graphs.remove(id(graph))
+        self.dev.destroy_graph(graph)
 
-    def launch(self, graph: list, stream: _Stream) -> None:
-        assert id(graph) in self.graphs, "launch of a destroyed graph"
-        self.launches += 1
-        for op in graph:
-            self.enqueue(stream.handle, op)
+    def launch(self, graph: list, stream: int) -> None:
+        self.dev.launch(graph, stream)
 
     def close(self) -> None:
         self.closed = True
+
+
+class _Handle:
+    """A cuda-python handle type (cudaStream_t, cudaGraph_t, ...): an object, int() gives the value."""
+
+    def __init__(self, value: int):
+        self.value = value
+
+    def __int__(self) -> int:
+        return self.value
+
+    __index__ = __int__
+
+
+def fake_cudart(device: Device, fail: dict[str, int] | None = None) -> types.ModuleType:
+    """cuda-python's runtime module (``cuda.bindings.runtime``) as the project calls it: every
+    call returns a tuple whose first element is the error code (0: success), results after
+    it; ``fail`` maps a function name to the error code it returns instead."""
+    rt = types.ModuleType("cuda.bindings.runtime")
+    fail = fail or {}
+    host: dict[int, ctypes.Array] = {}
+    graphs: dict[int, list] = {}
+
+    def call(fn):
+        def wrapped(*args):
+            if fn.__name__ in fail:
+                return (fail[fn.__name__], None) if fn.__name__ not in NO_RESULT else (fail[fn.__name__],)
+            out = fn(*args)
+            return (0, *out) if isinstance(out, tuple) else (0, out) if out is not None else (0,)
+        setattr(rt, fn.__name__, wrapped)
+        return wrapped
+
+    NO_RESULT = {"cudaFree", "cudaFreeHost", "cudaStreamDestroy", "cudaMemcpyAsync", "cudaStreamSynchronize",
+                 "cudaEventRecord", "cudaStreamBeginCapture", "cudaGraphDestroy", "cudaGraphExecDestroy", "cudaGraphLaunch"}
+
+    @call
+    def cudaGetDeviceCount():
+        return 1
+
+    @call
+    def cudaGetErrorString(err):
+        return {2: b"out of memory", 35: b"CUDA driver version is insufficient for CUDA runtime version"}.get(int(err), b"unknown error")
+
+    @call
+    def cudaGetDeviceProperties(index):
+        return types.SimpleNamespace(name=DEVICE.name.encode() + b"\0" * 200, major=DEVICE.compute_capability[0],
+                                     minor=DEVICE.compute_capability[1], totalGlobalMem=DEVICE.total_memory)
+
+    @call
+    def cudaMalloc(nbytes):
+        return device.alloc(nbytes)
+
+    @call
+    def cudaFree(ptr):
+        device.free(ptr)
+
+    @call
+    def cudaMallocHost(nbytes):
+        buf = ctypes.create_string_buffer(max(int(nbytes), 1))
+        host[ctypes.addressof(buf)] = buf
+        return ctypes.addressof(buf)
+
+    @call
+    def cudaFreeHost(ptr):
+        del host[int(ptr)]
+
+    @call
+    def cudaStreamCreateWithFlags(flags):
+        assert flags == rt.cudaStreamNonBlocking
+        return _Handle(device.new_stream())
+
+    @call
+    def cudaStreamDestroy(stream):
+        device.destroy_stream(int(stream))
+
+    @call
+    def cudaMemcpyAsync(dst, src, count, kind, stream):
+        assert kind in (rt.cudaMemcpyKind.cudaMemcpyHostToDevice, rt.cudaMemcpyKind.cudaMemcpyDeviceToHost)
+        device.enqueue(int(stream), lambda: device.copy(int(dst), int(src), int(count)))
+
+    @call
+    def cudaStreamSynchronize(stream):
+        device.synchronize(int(stream))
+
+    @call
+    def cudaEventCreate():
+        return [0.0]
+
+    @call
+    def cudaEventRecord(event, stream):
+        device.record(event, int(stream))
+
+    @call
+    def cudaEventElapsedTime(start, end):
+        return end[0] - start[0]
+
+    @call
+    def cudaStreamBeginCapture(stream, mode):
+        assert mode == rt.cudaStreamCaptureMode.cudaStreamCaptureModeThreadLocal
+        device.begin_capture(int(stream))
+
+    @call
+    def cudaStreamEndCapture(stream):
+        graph = device.end_capture(int(stream))
+        graphs[id(graph)] = graph
+        return _Handle(id(graph))
+
+    @call
+    def cudaGraphInstantiate(graph, flags):
+        return _Handle(int(graph))  # the executable graph keeps the captured work
+
+    @call
+    def cudaGraphDestroy(graph):
+        pass
+
+    @call
+    def cudaGraphExecDestroy(graph_exec):
+        device.destroy_graph(graphs.pop(int(graph_exec)))
+
+    @call
+    def cudaGraphLaunch(graph_exec, stream):
+        device.launch(graphs[int(graph_exec)], int(stream))
+
+    rt.cudaStreamNonBlocking = 1
+    rt.cudaMemcpyKind = types.SimpleNamespace(cudaMemcpyHostToDevice=1, cudaMemcpyDeviceToHost=2)
+    rt.cudaStreamCaptureMode = types.SimpleNamespace(cudaStreamCaptureModeThreadLocal=1)
+    rt.host = host
+    return rt
 
 
 class _Context:
@@ -160,20 +332,18 @@ class _Context:
         return True
 
     def execute_async_v3(self, stream_handle: int) -> bool:
-        e, cuda = self.engine, self.engine.cuda
+        e, dev = self.engine, self.engine.device
         if self.profile is None or self.infer_shapes() or set(self.addr) != {e.input, e.output}:
             return False
-        stream = cuda.streams[stream_handle]
-        if stream.capture is not None and self.shape not in self.ran:
+        if dev.capturing(stream_handle) and self.shape not in self.ran:
             return False  # the first run of a shape initialises lazily, which capture forbids
-        shape, d_in, d_out = self.shape, self.addr[e.input], self.addr[e.output]
+        shape, d_in, d_out = self.shape, int(self.addr[e.input]), int(self.addr[e.output])
 
         def op():
-            x = cuda.mem[d_in][: int(np.prod(shape)) * 4].view(np.float32).reshape(shape)
-            y = np.ascontiguousarray(e.session.run(None, {e.input: x})[0], np.float32).reshape(-1).view(np.uint8)
-            cuda.mem[d_out][: y.size] = y
-            cuda.clock_ms += 1
-        cuda.enqueue(stream_handle, op)
+            x = np.frombuffer(ctypes.string_at(d_in, int(np.prod(shape)) * 4), np.float32).reshape(shape)
+            y = np.ascontiguousarray(e.session.run(None, {e.input: x})[0], np.float32)
+            dev.copy(d_out, y.ctypes.data, y.nbytes)
+        dev.enqueue(stream_handle, op)
         self.ran.add(shape)
         return True
 
@@ -187,7 +357,7 @@ def fake_plan_bytes(onnx_bytes: bytes, profile: tuple[int, int, int]) -> bytes:
 
 
 class _Engine:
-    def __init__(self, plan: bytes, cuda: FakeCuda | None):
+    def __init__(self, plan: bytes, device: Device | None):
         import onnxruntime as ort
 
         head, onnx_bytes = plan[len(PLAN_MAGIC):].split(b"\n", 1)
@@ -196,7 +366,7 @@ class _Engine:
         self.input, self.output = i.name, o.name
         self.chw = tuple(i.shape[1:])
         self.classes = o.shape[1]
-        self.profile, self.cuda = tuple(json.loads(head)["profile"]), cuda
+        self.profile, self.device = tuple(json.loads(head)["profile"]), device
         self.num_io_tensors = 2
         self.device_memory_size_v2 = 3 << 20
 
@@ -311,7 +481,7 @@ class _Config:
         return self.cache
 
 
-def fake_tensorrt(cuda: FakeCuda | None = None, version: str = VERSION) -> types.ModuleType:
+def fake_tensorrt(device: Device | None = None, version: str = VERSION) -> types.ModuleType:
     """A module with the tensorrt names the project uses, as ``version`` has them (11.x has no
     EXPLICIT_BATCH flag and no precision builder flags). Builds records what they were given
     in ``trt.builds``; plans are ``fake_plan_bytes``."""
@@ -331,7 +501,7 @@ def fake_tensorrt(cuda: FakeCuda | None = None, version: str = VERSION) -> types
             self.logger = logger
 
         def deserialize_cuda_engine(self, plan: bytes):
-            return _Engine(bytes(plan), cuda) if bytes(plan).startswith(PLAN_MAGIC) else None
+            return _Engine(bytes(plan), device) if bytes(plan).startswith(PLAN_MAGIC) else None
 
     class Builder:
         def __init__(self, logger):

@@ -13,7 +13,15 @@ import pytest
 
 from runtime.backends.plan import make_sidecar, sidecar_path
 from runtime.models import file_sha256, open_backend
-from tests.fake_gpu import DEVICE, VERSION, FakeCuda, fake_plan_bytes, fake_tensorrt
+from tests.fake_gpu import (
+    DEVICE,
+    VERSION,
+    Device,
+    FakeCuda,
+    fake_cudart,
+    fake_plan_bytes,
+    fake_tensorrt,
+)
 from tests.models import threshold_model, threshold_spec
 
 PROFILE = (1, 4, 8)
@@ -24,18 +32,24 @@ def fake_plan(tmp_path, monkeypatch):
     return make_fake_plan(tmp_path, monkeypatch, PROFILE)
 
 
-def make_fake_plan(tmp_path, monkeypatch, profile):
-    """(plan, onnx, cuda): a fake plan of a tiny ONNX model, with a matching sidecar."""
-    import runtime.backends.tensorrt as trt_backend
-
+def write_plan(tmp_path, profile):
+    """(plan, onnx): a fake plan of a tiny ONNX model, with a matching sidecar."""
     spec = threshold_spec()
     onnx_path = threshold_model(tmp_path / "m.onnx", spec, tumour_level=0.6)
     plan = tmp_path / "m.plan"
     plan.write_bytes(fake_plan_bytes(onnx_path.read_bytes(), profile))
     side = make_sidecar(spec, file_sha256(onnx_path), plan.read_bytes(), VERSION, DEVICE, profile, {"optimization_level": 3}, 1 << 20)
     sidecar_path(plan).write_text(json.dumps(side))
+    return plan, onnx_path
+
+
+def make_fake_plan(tmp_path, monkeypatch, profile):
+    """(plan, onnx, cuda), with fake tensorrt and CUDA in place of the real ones."""
+    import runtime.backends.tensorrt as trt_backend
+
+    plan, onnx_path = write_plan(tmp_path, profile)
     cuda = FakeCuda()
-    monkeypatch.setitem(sys.modules, "tensorrt", fake_tensorrt(cuda))
+    monkeypatch.setitem(sys.modules, "tensorrt", fake_tensorrt(cuda.dev))
     monkeypatch.setattr(trt_backend, "load_cuda", lambda: cuda)
     return plan, onnx_path, cuda
 
@@ -60,8 +74,8 @@ def test_every_batch_size_in_any_order_gives_the_models_logits(fake_plan, graph)
             np.testing.assert_allclose(got, e, atol=1e-5)
     # every batch of 4 (the profile's opt) replays a graph; a slot captures again only after
     # its context ran another shape: slot A at batches 0 and 4, slot B at batches 1 and 9
-    assert (cuda.launches, cuda.captures) == ((6, 4) if graph else (0, 0))
-    assert not cuda.mem and not cuda.host and not cuda.streams and not cuda.graphs and cuda.closed
+    assert (cuda.dev.launches, cuda.dev.captures) == ((6, 4) if graph else (0, 0))
+    assert cuda.dev.idle() and not cuda.host and cuda.closed
 
 
 def test_two_batches_in_flight_come_back_in_order(fake_plan):
@@ -79,6 +93,53 @@ def test_two_batches_in_flight_come_back_in_order(fake_plan):
         got += [be.collect(t) for t in tokens]
     for g, e in zip(got, expected):
         np.testing.assert_allclose(g, e, atol=1e-5)
+
+
+@pytest.fixture
+def cudart(monkeypatch):
+    """A factory: the project's real cuda-python interface (CudaPython) over a fake
+    ``cuda.bindings.runtime``, with fake tensorrt on the same fake device."""
+    import runtime.backends.cuda as cuda_mod
+
+    def install(fail=None):
+        dev = Device()
+        rt = fake_cudart(dev, fail)
+        monkeypatch.setattr(cuda_mod, "_import_cudart", lambda: rt)
+        monkeypatch.setitem(sys.modules, "tensorrt", fake_tensorrt(dev))
+        return dev, rt
+
+    return install
+
+
+@pytest.mark.parametrize("graph", [False, True])
+def test_the_cuda_python_interface_moves_the_right_bytes(cudart, tmp_path, graph):
+    dev, rt = cudart()
+    plan, onnx_path = write_plan(tmp_path, PROFILE)
+    xs = batches([4, 4, 3, 4, 4, 8], seed=2)
+    with open_backend(onnx_path) as ref_be:
+        expected = [ref_be.infer(x) for x in xs]
+    with open_backend(plan, cuda_graph=graph) as be:
+        assert be.provider == "cuda-python"  # and the GPU's name read back from NUL-padded bytes matched the sidecar's
+        for x, e in zip(xs, expected):
+            np.testing.assert_allclose(be.infer(x), e, atol=1e-5)
+        # 1 ms per copy and engine run; each capture (slot A twice, B once) adds a warm-up run
+        assert be.device_times_ms == {"h2d": 6.0, "compute": 6.0 + 3 * graph, "d2h": 6.0}
+    assert (dev.launches, dev.captures) == ((4, 3) if graph else (0, 0))
+    assert dev.idle() and not rt.host  # device, pinned host memory, streams and graphs all released
+
+
+@pytest.mark.parametrize("call, code, message", [
+    ("cudaGetDeviceCount", 35, "cannot use the GPU: no NVIDIA driver could be loaded (cudaGetDeviceCount returned 35)"),
+    ("cudaMalloc", 2, "cudaMalloc failed: out of memory (2)"),
+])
+def test_a_failing_cuda_call_is_one_error_naming_it(cudart, tmp_path, call, code, message):
+    from runtime.backends.cuda import CudaError
+
+    cudart({call: code})
+    plan, _ = write_plan(tmp_path, PROFILE)
+    with pytest.raises(CudaError) as e:
+        open_backend(plan).activate()
+    assert str(e.value) == message
 
 
 def test_a_batch_outside_the_profile_is_refused(fake_plan):
@@ -104,7 +165,7 @@ def test_seg_run_on_a_plan_writes_the_masks_onnxruntime_writes(fake_plan, tmp_pa
     for model, out in ((onnx_path, "ort"), (plan, "trt")):
         code, text = run_main(cli, [tmp_path / "in", "--model", model, "-o", tmp_path / out, "--batch-size", 4, "--cuda-graph"], capsys)
         assert code == 0, text
-    assert cuda.launches > 0
+    assert cuda.dev.launches > 0
     for k in range(2):
         a = np.asanyarray(nib.load(str(tmp_path / "ort" / f"case{k}_seg.nii.gz")).dataobj)
         b = np.asanyarray(nib.load(str(tmp_path / "trt" / f"case{k}_seg.nii.gz")).dataobj)
@@ -164,7 +225,7 @@ def fake_trt(tmp_path, monkeypatch):
 
     def install(version: str):
         cuda = FakeCuda()
-        trt = fake_tensorrt(cuda, version)
+        trt = fake_tensorrt(cuda.dev, version)
         monkeypatch.setitem(sys.modules, "tensorrt", trt)
         monkeypatch.setattr(cuda_mod, "load_cuda", lambda: cuda)
         monkeypatch.setattr(trt_backend, "load_cuda", lambda: cuda)

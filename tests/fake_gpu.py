@@ -39,6 +39,7 @@ class Device:
         self.buffers: dict[int, ctypes.Array] = {}
         self.streams: dict[int, _Stream] = {}
         self.graphs: set[int] = set()
+        self.events: set[int] = set()
         self._handles = count(0x1000)
         self.launches = self.captures = 0
         self.clock_ms = 0.0  # each copy or engine run takes 1 ms of device time
@@ -96,14 +97,22 @@ class Device:
         for op in graph:
             self.enqueue(handle, op)
 
+    def new_event(self) -> list:
+        event = [0.0]  # the device time it was reached at
+        self.events.add(id(event))
+        return event
+
+    def destroy_event(self, event: list) -> None:
+        self.events.remove(id(event))
+
     def record(self, event: list, handle: int) -> None:
         def op():
             event[0] = self.clock_ms
         self.enqueue(handle, op)
 
     def idle(self) -> bool:
-        """Nothing allocated, no stream or graph left."""
-        return not self.buffers and not self.streams and not self.graphs
+        """Nothing allocated, no stream, event or graph left."""
+        return not self.buffers and not self.streams and not self.graphs and not self.events
 
 
 class FakeCuda:
@@ -152,7 +161,10 @@ class FakeCuda:
         self.dev.synchronize(stream)
 
     def event(self) -> list:
-        return [0.0]
+        return self.dev.new_event()
+
+    def destroy_event(self, event: list) -> None:
+        self.dev.destroy_event(event)
 
     def record(self, event: list, stream: int) -> None:
         self.dev.record(event, stream)
@@ -207,7 +219,7 @@ def fake_cudart(device: Device, fail: dict[str, int] | None = None) -> types.Mod
         return wrapped
 
     NO_RESULT = {"cudaFree", "cudaFreeHost", "cudaStreamDestroy", "cudaMemcpyAsync", "cudaStreamSynchronize",
-                 "cudaEventRecord", "cudaStreamBeginCapture", "cudaGraphDestroy", "cudaGraphExecDestroy", "cudaGraphLaunch"}
+                 "cudaEventRecord", "cudaEventDestroy", "cudaStreamBeginCapture", "cudaGraphDestroy", "cudaGraphExecDestroy", "cudaGraphLaunch"}
 
     @call
     def cudaGetDeviceCount():
@@ -260,7 +272,11 @@ def fake_cudart(device: Device, fail: dict[str, int] | None = None) -> types.Mod
 
     @call
     def cudaEventCreate():
-        return [0.0]
+        return device.new_event()
+
+    @call
+    def cudaEventDestroy(event):
+        device.destroy_event(event)
 
     @call
     def cudaEventRecord(event, stream):

@@ -135,11 +135,12 @@ def test_the_cuda_python_interface_moves_the_right_bytes(cudart, tmp_path, graph
 def test_a_failing_cuda_call_is_one_error_naming_it(cudart, tmp_path, call, code, message):
     from runtime.backends.cuda import CudaError
 
-    cudart({call: code})
+    dev, rt = cudart({call: code})
     plan, _ = write_plan(tmp_path, PROFILE)
     with pytest.raises(CudaError) as e:
         open_backend(plan).activate()
     assert str(e.value) == message
+    assert dev.idle() and not rt.host  # what was allocated before the failure is released
 
 
 def test_a_batch_outside_the_profile_is_refused(fake_plan):

@@ -95,6 +95,9 @@ class CudaPython:
     def record(self, event, stream) -> None:
         self._ok(self.rt.cudaEventRecord(event, stream), "cudaEventRecord")
 
+    def destroy_event(self, event) -> None:
+        self._ok(self.rt.cudaEventDestroy(event), "cudaEventDestroy")
+
     def elapsed_ms(self, start, end) -> float:
         return float(self._ok(self.rt.cudaEventElapsedTime(start, end), "cudaEventElapsedTime"))
 
@@ -176,6 +179,9 @@ class PyCuda:
 
     def record(self, event, stream) -> None:
         event.record(stream)
+
+    def destroy_event(self, event) -> None:
+        pass  # pycuda frees an event when it is garbage-collected
 
     def elapsed_ms(self, start, end) -> float:
         end.synchronize()

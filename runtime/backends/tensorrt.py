@@ -43,7 +43,17 @@ class TensorRTBackend(Backend):
         side = read_sidecar(self.path)
         self.spec = ModelSpec.from_dict(side["spec"])
         trt = require("tensorrt", "trt", "the TensorRT backend", TRT_HINT)
-        self.cuda = cuda = load_cuda()
+        self.cuda = load_cuda()
+        try:
+            self._open(trt, side)
+        except BaseException:
+            self.release_impl()  # what was allocated before the failure, and pycuda's context
+            raise
+        self.provider = self.cuda.name
+
+    def _open(self, trt, side: dict) -> None:
+        """Deserialize the engine and allocate the two buffer slots."""
+        cuda = self.cuda
         plan = self.path.read_bytes()
         check_plan(side, plan, trt.__version__, cuda.device_info(0), self.path.name)
         self.trt = trt
@@ -67,21 +77,19 @@ class TensorRTBackend(Backend):
         self.out_dtype = np.dtype(trt.nptype(self.engine.get_tensor_dtype(self.out_name)))
         self.input_dtype = self.in_dtype
         for _ in range(2):
-            ctx = self.engine.create_execution_context()
-            stream = cuda.stream()
-            slot = {
-                "ctx": ctx, "stream": stream,
-                "h_in": cuda.host_empty((mx[0], c, h, w), self.in_dtype),
-                "h_out": cuda.host_empty((mx[0], k, h, w), self.out_dtype),
-                "events": [cuda.event() for _ in range(4)], "graph": None, "shape": None, "out_shape": None,
-            }
+            slot: dict = {"graph": None, "shape": None, "out_shape": None, "events": []}
+            self._slots.append(slot)  # before allocating, so that release_impl frees a half-built slot
+            slot["ctx"] = ctx = self.engine.create_execution_context()
+            slot["stream"] = stream = cuda.stream()
+            slot["h_in"] = cuda.host_empty((mx[0], c, h, w), self.in_dtype)
+            slot["h_out"] = cuda.host_empty((mx[0], k, h, w), self.out_dtype)
+            for _ in range(4):
+                slot["events"].append(cuda.event())
             slot["d_in"] = cuda.malloc(slot["h_in"].nbytes)
             slot["d_out"] = cuda.malloc(slot["h_out"].nbytes)
             ctx.set_optimization_profile_async(0, cuda.stream_handle(stream))
             ctx.set_tensor_address(self.in_name, slot["d_in"])
             ctx.set_tensor_address(self.out_name, slot["d_out"])
-            self._slots.append(slot)
-        self.provider = cuda.name
 
     def _enqueue(self, slot: dict) -> None:
         ok = slot["ctx"].execute_async_v3(self.cuda.stream_handle(slot["stream"]))
@@ -164,14 +172,17 @@ class TensorRTBackend(Backend):
         return self.collect(self.submit(batch))
 
     def release_impl(self) -> None:
+        cuda = self.cuda
         for slot in self._slots:
-            self.cuda.synchronize(slot["stream"])  # a failed run may leave copies in flight
+            if "stream" in slot:
+                cuda.synchronize(slot["stream"])  # a failed run may leave copies in flight
             self._drop_graph(slot)
-            self.cuda.free(slot["d_in"])
-            self.cuda.free(slot["d_out"])
-            self.cuda.host_free(slot["h_in"])
-            self.cuda.host_free(slot["h_out"])
-            self.cuda.destroy_stream(slot["stream"])
+            for key, free in (("d_in", cuda.free), ("d_out", cuda.free), ("h_in", cuda.host_free), ("h_out", cuda.host_free),
+                              ("stream", cuda.destroy_stream)):
+                if key in slot:
+                    free(slot[key])
+            for event in slot["events"]:
+                cuda.destroy_event(event)
         self._slots.clear()
         self.engine = self.runtime = None
-        self.cuda.close()
+        cuda.close()

@@ -143,6 +143,15 @@ def test_a_failing_cuda_call_is_one_error_naming_it(cudart, tmp_path, call, code
     assert dev.idle() and not rt.host  # what was allocated before the failure is released
 
 
+def test_batches_below_the_profiles_minimum_are_padded(tmp_path, monkeypatch):
+    plan, onnx_path, _ = make_fake_plan(tmp_path, monkeypatch, (4, 4, 8))
+    xs = batches([1, 3, 4, 8, 2], seed=3)
+    with open_backend(onnx_path) as ref_be, open_backend(plan) as be:
+        assert be.min_batch == 1
+        for x in xs:
+            np.testing.assert_allclose(be.infer(x), ref_be.infer(x), atol=1e-5)
+
+
 def test_a_batch_outside_the_profile_is_refused(fake_plan):
     from runtime.errors import SegError
 

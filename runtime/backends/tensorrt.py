@@ -70,7 +70,8 @@ class TensorRTBackend(Backend):
             raise SegError(f"{self.path}: engine tensors {inputs} -> {outputs} do not match the spec ({io.input_name} -> {io.output_name})")
         self.in_name, self.out_name = io.input_name, io.output_name
         mn, opt, mx = (tuple(s) for s in self.engine.get_tensor_profile_shape(self.in_name, 0))
-        self.min_batch, self.default_batch, self.max_batch = mn[0], opt[0], mx[0]
+        # batches below the profile's minimum are padded with zeros, so any batch from 1 runs
+        self.profile_min, self.default_batch, self.max_batch = mn[0], opt[0], mx[0]
         c, h, w = mx[1:]
         k = self.spec.out_channels
         self.in_dtype = np.dtype(trt.nptype(self.engine.get_tensor_dtype(self.in_name)))
@@ -99,14 +100,16 @@ class TensorRTBackend(Backend):
     def submit(self, batch: np.ndarray):
         """Enqueue one batch on the next slot; returns a token for ``collect``."""
         n = batch.shape[0]
-        if not self.min_batch <= n <= self.max_batch:
-            raise SegError(f"batch of {n} slices is outside the plan's profile {self.min_batch}..{self.max_batch}")
+        if not 1 <= n <= self.max_batch:
+            raise SegError(f"batch of {n} slices is outside the plan's profile {self.profile_min}..{self.max_batch}")
         slot = self._slots[self._next]
         self._next ^= 1
         cuda, s = self.cuda, slot["stream"]
-        self._set_shape(slot, tuple(batch.shape))
-        h_in = slot["h_in"][:n]
-        np.copyto(h_in, batch, casting="same_kind")
+        m = max(n, self.profile_min)
+        self._set_shape(slot, (m, *batch.shape[1:]))
+        h_in = slot["h_in"][:m]
+        np.copyto(h_in[:n], batch, casting="same_kind")
+        h_in[n:] = 0
         ev = slot["events"]
         cuda.record(ev[0], s)
         cuda.htod_async(slot["d_in"], h_in, s)
@@ -122,7 +125,7 @@ class TensorRTBackend(Backend):
         h_out = slot["h_out"].reshape(-1)[: int(np.prod(out_shape))].reshape(out_shape)
         cuda.dtoh_async(h_out, slot["d_out"], s)
         cuda.record(ev[3], s)
-        slot["out"] = h_out
+        slot["out"] = h_out[:n]
         return slot
 
     def _set_shape(self, slot: dict, shape: tuple[int, ...]) -> None:

@@ -114,7 +114,7 @@ class TensorRTBackend(Backend):
         cuda.record(ev[0], s)
         cuda.htod_async(slot["d_in"], h_in, s)
         cuda.record(ev[1], s)
-        if self.use_graph and n == self.default_batch and slot["graph"] is None:
+        if self.use_graph and m == self.default_batch and slot["graph"] is None:
             self._capture(slot)
         if self.use_graph and slot["graph"] is not None:
             cuda.launch(slot["graph"], s)

@@ -194,8 +194,10 @@ def test_tiny_plan_end_to_end_matches_onnxruntime(tmp_path):
     onnx_path = threshold_model(tmp_path / "m.onnx")
     plan = tmp_path / "m.plan"
     build_engine(onnx_path, plan, threshold_spec(), file_sha256(onnx_path), (1, 4, 8))
-    x = np.random.default_rng(0).random((4, 1, 64, 64), dtype=np.float32)
-    with open_backend(onnx_path) as ort_be, TensorRTBackend(plan, cuda_graph=True) as trt_be:
-        ref = ort_be.infer(x)
-        for _ in range(3):  # the second and later runs replay the CUDA graph
-            np.testing.assert_allclose(trt_be.infer(x), ref, atol=1e-4)
+    rng = np.random.default_rng(0)
+    # full batches replay CUDA graphs; each slot also runs a partial batch, then full ones again
+    xs = [rng.random((n, 1, 64, 64), dtype=np.float32) for n in (4, 4, 3, 4, 4, 2, 4, 1, 8, 4)]
+    for graph in (False, True):
+        with open_backend(onnx_path) as ort_be, TensorRTBackend(plan, cuda_graph=graph) as trt_be:
+            for x in xs:
+                np.testing.assert_allclose(trt_be.infer(x), ort_be.infer(x), atol=1e-4)

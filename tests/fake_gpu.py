@@ -364,6 +364,89 @@ class _Context:
         return True
 
 
+def fake_pycuda_driver(device: Device) -> types.ModuleType:
+    """``pycuda.driver`` as the project calls it, over the fake device (no graph capture)."""
+    drv = types.ModuleType("pycuda.driver")
+    contexts: list = []
+
+    class Error(Exception):
+        pass
+
+    class Context:
+        def pop(self) -> None:
+            contexts.remove(self)
+
+    class Device_:
+        def __init__(self, index: int):
+            self.index = index
+
+        @staticmethod
+        def count() -> int:
+            return 1
+
+        def make_context(self) -> Context:
+            contexts.append(Context())
+            return contexts[-1]
+
+        def name(self) -> str:
+            return DEVICE.name
+
+        def compute_capability(self) -> tuple[int, int]:
+            return DEVICE.compute_capability
+
+        def total_memory(self) -> int:
+            return DEVICE.total_memory
+
+    class DeviceAllocation:
+        def __init__(self, nbytes: int):
+            self.ptr = device.alloc(nbytes)
+
+        def __int__(self) -> int:
+            return self.ptr
+
+        def free(self) -> None:
+            device.free(self.ptr)
+
+    class Stream:
+        def __init__(self):
+            self.handle = device.new_stream()
+
+        def synchronize(self) -> None:
+            device.synchronize(self.handle)
+
+        def __del__(self):  # pycuda destroys a stream when it is garbage-collected
+            device.destroy_stream(self.handle)
+
+    class Event:
+        def __init__(self):
+            self.at = [0.0]
+
+        def record(self, stream: Stream) -> None:
+            device.record(self.at, stream.handle)
+
+        def synchronize(self) -> None:
+            pass
+
+        def time_since(self, start: Event) -> float:
+            return self.at[0] - start.at[0]
+
+    def pagelocked_empty(shape, dtype):
+        return np.empty(shape, dtype)
+
+    def memcpy_htod_async(dest: int, src: np.ndarray, stream: Stream) -> None:
+        device.enqueue(stream.handle, lambda: device.copy(int(dest), src.ctypes.data, src.nbytes))
+
+    def memcpy_dtoh_async(dest: np.ndarray, src: int, stream: Stream) -> None:
+        device.enqueue(stream.handle, lambda: device.copy(dest.ctypes.data, int(src), dest.nbytes))
+
+    drv.init = lambda: None
+    drv.Error, drv.Device, drv.Stream, drv.Event = Error, Device_, Stream, Event
+    drv.mem_alloc = DeviceAllocation
+    drv.pagelocked_empty, drv.memcpy_htod_async, drv.memcpy_dtoh_async = pagelocked_empty, memcpy_htod_async, memcpy_dtoh_async
+    drv.contexts = contexts
+    return drv
+
+
 PLAN_MAGIC = b"FAKEPLAN\n"
 
 

@@ -20,6 +20,7 @@ from tests.fake_gpu import (
     FakeCuda,
     fake_cudart,
     fake_plan_bytes,
+    fake_pycuda_driver,
     fake_tensorrt,
 )
 from tests.models import threshold_model, threshold_spec
@@ -141,6 +142,33 @@ def test_a_failing_cuda_call_is_one_error_naming_it(cudart, tmp_path, call, code
         open_backend(plan).activate()
     assert str(e.value) == message
     assert dev.idle() and not rt.host  # what was allocated before the failure is released
+
+
+def test_the_pycuda_interface_runs_the_backend_without_graphs(tmp_path, monkeypatch):
+    import types
+
+    import runtime.backends.cuda as cuda_mod
+
+    def no_cuda_python():
+        raise ImportError("no cuda-python")
+
+    dev = Device()
+    drv = fake_pycuda_driver(dev)
+    package = types.ModuleType("pycuda")
+    package.driver = drv
+    monkeypatch.setattr(cuda_mod, "_import_cudart", no_cuda_python)
+    monkeypatch.setitem(sys.modules, "pycuda", package)
+    monkeypatch.setitem(sys.modules, "pycuda.driver", drv)
+    monkeypatch.setitem(sys.modules, "tensorrt", fake_tensorrt(dev))
+    plan, onnx_path = write_plan(tmp_path, PROFILE)
+    xs = batches([4, 4, 3, 4, 8], seed=4)
+    with open_backend(onnx_path) as ref_be, open_backend(plan, cuda_graph=True) as be:
+        assert be.provider == "pycuda" and len(drv.contexts) == 1
+        for x in xs:
+            np.testing.assert_allclose(be.infer(x), ref_be.infer(x), atol=1e-5)
+        assert not be.use_graph  # capture is not available through pycuda: plain enqueues instead
+        assert be.device_times_ms["h2d"] == 5.0
+    assert dev.idle() and not drv.contexts  # buffers and streams freed, the context popped
 
 
 def test_batches_below_the_profiles_minimum_are_padded(tmp_path, monkeypatch):

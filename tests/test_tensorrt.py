@@ -121,6 +121,7 @@ def test_the_cuda_python_interface_moves_the_right_bytes(cudart, tmp_path, graph
         expected = [ref_be.infer(x) for x in xs]
     with open_backend(plan, cuda_graph=graph) as be:
         assert be.provider == "cuda-python"  # and the GPU's name read back from NUL-padded bytes matched the sidecar's
+        assert be.describe() == f"tensorrt (cuda-python, batch profile 1/4/8{', CUDA graphs' if graph else ''}), fp32"
         for x, e in zip(xs, expected):
             np.testing.assert_allclose(be.infer(x), e, atol=1e-5)
         # 1 ms per copy and engine run; each capture (slot A twice, B once) adds a warm-up run
@@ -167,6 +168,7 @@ def test_the_pycuda_interface_runs_the_backend_without_graphs(tmp_path, monkeypa
         for x in xs:
             np.testing.assert_allclose(be.infer(x), ref_be.infer(x), atol=1e-5)
         assert not be.use_graph  # capture is not available through pycuda: plain enqueues instead
+        assert be.describe() == "tensorrt (pycuda, batch profile 1/4/8), fp32"
         assert be.device_times_ms["h2d"] == 5.0
     assert dev.idle() and not drv.contexts  # buffers and streams freed, the context popped
 

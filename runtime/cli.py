@@ -197,6 +197,8 @@ def cli(inputs, model, out_dir, demo, backend, provider, threads, streams, batch
             raise InputError(f"--batch-size {bs} is above {Path(model).name}'s max batch {be.max_batch}; use --batch-size "
                              f"{be.max_batch} or less, or rebuild the plan with --max-batch {bs}")
         click.echo(f"backend: {be.describe()}, batch {bs} (--backend {backend} chose {be.name})", err=True)
+        if cuda_graph and be.name != "tensorrt":
+            click.echo("note: --cuda-graph applies to TensorRT plans only; ignored", err=True)
         results = segment_files(paths, be, out_dir, bs, skip_existing, not no_postprocess, fill_holes, overlay,
                                 probabilities=probabilities, min_tumour_ml=min_tumour_ml)
     failed = [p for p, r in results.items() if isinstance(r, str)]

@@ -335,3 +335,10 @@ def test_a_streamed_volume_gets_the_mask_of_a_fully_read_one(tmp_path, model, he
     with OnnxRuntimeBackend(model) as be:
         expected = segment_canonical(vol.data, vol.spacing, be.spec, None, 3, backend=be)
     np.testing.assert_array_equal(read_labels(tmp_path / "out" / "v_seg.nii.gz").data, expected)
+
+
+def test_cuda_graph_with_an_onnx_model_says_it_is_ignored(tmp_path, model, capsys):
+    write_case(tmp_path / "a.nii.gz")
+    code, text = run_main(cli, [tmp_path / "a.nii.gz", "--model", model, "-o", tmp_path / "out", "--cuda-graph"], capsys)
+    assert code == 0 and "--cuda-graph applies to TensorRT plans only; ignored" in text
+    assert (tmp_path / "out" / "a_seg.nii.gz").is_file()

@@ -209,17 +209,18 @@ def fake_cudart(device: Device, fail: dict[str, int] | None = None) -> types.Mod
     host: dict[int, ctypes.Array] = {}
     graphs: dict[int, list] = {}
 
+    no_result = {"cudaFree", "cudaFreeHost", "cudaStreamDestroy", "cudaMemcpyAsync", "cudaStreamSynchronize",
+                 "cudaEventRecord", "cudaEventDestroy", "cudaStreamBeginCapture", "cudaGraphDestroy",
+                 "cudaGraphExecDestroy", "cudaGraphLaunch"}  # these return (err,) alone
+
     def call(fn):
         def wrapped(*args):
-            if fn.__name__ in fail:
-                return (fail[fn.__name__], None) if fn.__name__ not in NO_RESULT else (fail[fn.__name__],)
+            if fn.__name__ in fail:  # on error the result slot is None
+                return (fail[fn.__name__],) if fn.__name__ in no_result else (fail[fn.__name__], None)
             out = fn(*args)
-            return (0, *out) if isinstance(out, tuple) else (0, out) if out is not None else (0,)
+            return (0,) if fn.__name__ in no_result else (0, out)
         setattr(rt, fn.__name__, wrapped)
         return wrapped
-
-    NO_RESULT = {"cudaFree", "cudaFreeHost", "cudaStreamDestroy", "cudaMemcpyAsync", "cudaStreamSynchronize",
-                 "cudaEventRecord", "cudaEventDestroy", "cudaStreamBeginCapture", "cudaGraphDestroy", "cudaGraphExecDestroy", "cudaGraphLaunch"}
 
     @call
     def cudaGetDeviceCount():

@@ -80,4 +80,10 @@ class Backend:
         return self.spec.precision if self.spec else "unknown"
 
     def describe(self) -> str:
-        return f"{self.name}{' (' + self.provider + ')' if self.provider else ''}, {self.precision}"
+        """One line for logs: name, provider and details in brackets, precision."""
+        inside = ", ".join(x for x in (self.provider, *self.details()) if x)
+        return f"{self.name}{f' ({inside})' if inside else ''}, {self.precision}"
+
+    def details(self) -> list[str]:
+        """What ``describe`` adds after the provider; backends with settings worth logging override it."""
+        return []

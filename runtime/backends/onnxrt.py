@@ -157,7 +157,6 @@ class OnnxRuntimeBackend(Backend):
             self._pool = None
         self.session = None
 
-    def describe(self) -> str:
+    def details(self) -> list[str]:
         t = self.threads_per_stream
-        streams = f", {self.in_flight} streams of {t} thread{'s' if t > 1 else ''}" if self.in_flight > 1 else ""
-        return f"{self.name} ({self.provider}{streams}), {self.precision}"
+        return [f"{self.in_flight} streams of {t} thread{'s' if t > 1 else ''}"] if self.in_flight > 1 else []

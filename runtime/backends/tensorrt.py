@@ -92,10 +92,9 @@ class TensorRTBackend(Backend):
             ctx.set_tensor_address(self.in_name, slot["d_in"])
             ctx.set_tensor_address(self.out_name, slot["d_out"])
 
-    def describe(self) -> str:
-        graphs = ", CUDA graphs" if self.use_graph else ""
-        return (f"{self.name} ({self.provider}, batch profile {self.profile_min}/{self.default_batch}/{self.max_batch}"
-                f"{graphs}), {self.precision}")
+    def details(self) -> list[str]:
+        return [f"batch profile {self.profile_min}/{self.default_batch}/{self.max_batch}",
+                *(["CUDA graphs"] if self.use_graph else [])]
 
     def _enqueue(self, slot: dict) -> None:
         ok = slot["ctx"].execute_async_v3(self.cuda.stream_handle(slot["stream"]))

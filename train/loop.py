@@ -105,6 +105,11 @@ def boundary_band(labels: torch.Tensor, width: int) -> torch.Tensor:
     return (window_max(x) + window_max(-x)).ne(0).float()[:, 0]
 
 
+def _weighted_mean(values: torch.Tensor, weight: torch.Tensor, norm: torch.Tensor | None = None) -> torch.Tensor:
+    """Sum of ``values * weight`` over the sum of ``norm`` (default: of ``weight``)."""
+    return (values * weight).sum() / (weight if norm is None else norm).sum()
+
+
 def loss_fn(logits: torch.Tensor, target: torch.Tensor, dice_weight: float = 1.0,
             class_weight: torch.Tensor | None = None, dice: str = "batch",
             pixel_weight: torch.Tensor | None = None) -> torch.Tensor:
@@ -124,15 +129,16 @@ def loss_fn(logits: torch.Tensor, target: torch.Tensor, dice_weight: float = 1.0
         if pixel_weight is None:
             ce = F.binary_cross_entropy_with_logits(logits[:, 0], t)
         else:
-            ce = (F.binary_cross_entropy_with_logits(logits[:, 0], t, reduction="none") * pixel_weight).sum() / pixel_weight.sum()
+            ce = _weighted_mean(F.binary_cross_entropy_with_logits(logits[:, 0], t, reduction="none"), pixel_weight)
         prob, onehot = torch.sigmoid(logits), t[:, None]
     else:
         if pixel_weight is None:
             ce = F.cross_entropy(logits, target, weight=class_weight)
         else:
+            # per-pixel losses already carry their class weight; the divisor must hold it too
             per_pixel = F.cross_entropy(logits, target, weight=class_weight, reduction="none")
-            w = pixel_weight if class_weight is None else pixel_weight * class_weight[target]
-            ce = (per_pixel * pixel_weight).sum() / w.sum()
+            norm = pixel_weight if class_weight is None else pixel_weight * class_weight[target]
+            ce = _weighted_mean(per_pixel, pixel_weight, norm)
         prob = logits.softmax(1)[:, 1:]
         onehot = F.one_hot(target, logits.shape[1]).permute(0, 3, 1, 2)[:, 1:].float()
     if dice == "batch":

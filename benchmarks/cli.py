@@ -55,20 +55,67 @@ def _volumes(volumes: Path | None, quick: bool, tmp: Path) -> list[str]:
 
 @cli.command()
 @click.argument("models", nargs=-1, required=True)
-@click.option("--volumes", type=click.Path(path_type=Path), help="A volume or directory (default: a generated 200-slice 512x512 phantom).")
-@click.option("--batch", "batches", default="1,2,4,8,16", show_default=True, help="Batch sizes for the per-slice suite.")
+@click.option(
+    "--volumes",
+    type=click.Path(path_type=Path),
+    help="A volume or directory (default: a generated 200-slice 512x512 phantom).",
+)
+@click.option(
+    "--batch", "batches", default="1,2,4,8,16", show_default=True, help="Batch sizes for the per-slice suite."
+)
 @click.option("--backend", type=click.Choice(["auto", "onnxruntime", "tensorrt"]), default="auto", show_default=True)
 @click.option("--threads", default=0, type=click.IntRange(0), help="Inference threads (0: all cores).")
-@click.option("--streams", default=0, type=click.IntRange(0), help="ONNX Runtime CPU streams, as seg-run --streams (0: the backend's default).")
+@click.option(
+    "--streams",
+    default=0,
+    type=click.IntRange(0),
+    help="ONNX Runtime CPU streams, as seg-run --streams (0: the backend's default).",
+)
 @click.option("--repeats", default=20, show_default=True, type=click.IntRange(1))
-@click.option("--warmup", default=3, show_default=True, type=click.IntRange(0),
-              help="Untimed calls per batch size before timing; with --warmup > 0 they also last at least 1 s.")
-@click.option("--volume-repeats", default=3, show_default=True, type=click.IntRange(1), help="Whole-volume runs per model, the PyTorch baseline included (median reported).")
-@click.option("--volume-batch", type=click.IntRange(1), default=None, help="Batch size for whole volumes (default: the backend's).")
-@click.option("--torch-checkpoint", type=click.Path(path_type=Path), help="Also time the seed-style PyTorch eager baseline on these weights.")
+@click.option(
+    "--warmup",
+    default=3,
+    show_default=True,
+    type=click.IntRange(0),
+    help="Untimed calls per batch size before timing; with --warmup > 0 they also last at least 1 s.",
+)
+@click.option(
+    "--volume-repeats",
+    default=3,
+    show_default=True,
+    type=click.IntRange(1),
+    help="Whole-volume runs per model, the PyTorch baseline included (median reported).",
+)
+@click.option(
+    "--volume-batch",
+    type=click.IntRange(1),
+    default=None,
+    help="Batch size for whole volumes (default: the backend's).",
+)
+@click.option(
+    "--torch-checkpoint",
+    type=click.Path(path_type=Path),
+    help="Also time the seed-style PyTorch eager baseline on these weights.",
+)
 @click.option("--quick", is_flag=True, help="A one-minute smoke run: one batch size, few repeats, a small volume.")
-@click.option("-o", "--out", "out_dir", type=click.Path(path_type=Path), default=Path("bench-latency"), show_default=True)
-def latency(models, volumes, batches, backend, threads, streams, repeats, warmup, volume_repeats, volume_batch, torch_checkpoint, quick, out_dir) -> None:
+@click.option(
+    "-o", "--out", "out_dir", type=click.Path(path_type=Path), default=Path("bench-latency"), show_default=True
+)
+def latency(
+    models,
+    volumes,
+    batches,
+    backend,
+    threads,
+    streams,
+    repeats,
+    warmup,
+    volume_repeats,
+    volume_batch,
+    torch_checkpoint,
+    quick,
+    out_dir,
+) -> None:
     """Per-slice latency (median, p90, p95, p99, min, max), throughput and GFLOP/s per batch
     size, and whole-volume time with its stage split, for each model; JSON, Markdown, plot.
 
@@ -90,18 +137,50 @@ def latency(models, volumes, batches, backend, threads, streams, repeats, warmup
         bl, repeats, warmup, volume_repeats = bl[:1] if len(bl) == 1 else [4], 5, 1, 1
     with tempfile.TemporaryDirectory() as tmp:
         vols = _volumes(volumes, quick, Path(tmp))
-        jobs = [{"model": str(m), "volumes": vols, "batches": bl, "backend": backend, "threads": threads, "streams": streams, "warmup": warmup,
-                 "repeats": repeats, "volume_repeats": volume_repeats, "vol_batch": volume_batch} for m in models]
+        jobs = [
+            {
+                "model": str(m),
+                "volumes": vols,
+                "batches": bl,
+                "backend": backend,
+                "threads": threads,
+                "streams": streams,
+                "warmup": warmup,
+                "repeats": repeats,
+                "volume_repeats": volume_repeats,
+                "vol_batch": volume_batch,
+            }
+            for m in models
+        ]
         if torch_checkpoint:
-            jobs.append({"kind": "torch", "checkpoint": str(torch_checkpoint), "volumes": vols, "warmup": warmup, "repeats": repeats, "threads": threads,
-                         "volume_repeats": volume_repeats})
+            jobs.append(
+                {
+                    "kind": "torch",
+                    "checkpoint": str(torch_checkpoint),
+                    "volumes": vols,
+                    "warmup": warmup,
+                    "repeats": repeats,
+                    "threads": threads,
+                    "volume_repeats": volume_repeats,
+                }
+            )
         results = []
         for job in tqdm(jobs, desc="models", unit="model", disable=not sys.stderr.isatty()):
             results.append(run_worker(job))
             r = results[-1]
-            click.echo(f"{Path(str(r['model'])).name}: " + (f"failed: {r['error']}" if "error" in r else "done"), err=True)
+            click.echo(
+                f"{Path(str(r['model'])).name}: " + (f"failed: {r['error']}" if "error" in r else "done"), err=True
+            )
     peak, rates = matmul_peak_gflops(threads=threads)
-    rep = envelope("latency", {"matmul_peak_gflops": peak, "matmul_gflops": rates, "results": results, "volumes": [Path(v).name for v in vols]})
+    rep = envelope(
+        "latency",
+        {
+            "matmul_peak_gflops": peak,
+            "matmul_gflops": rates,
+            "results": results,
+            "volumes": [Path(v).name for v in vols],
+        },
+    )
     rep["ratios"] = latency_ratios(results)
     md = latency_markdown(rep)
     write_reports(out_dir, "latency", rep, md, [(lambda p: plot_latency(rep, p), "latency_vs_batch.png")])
@@ -114,11 +193,23 @@ def latency(models, volumes, batches, backend, threads, streams, repeats, warmup
 @cli.command()
 @click.argument("reference", type=click.Path(path_type=Path))
 @click.argument("models", nargs=-1, required=True)
-@click.option("--data", "data_dir", required=True, type=click.Path(path_type=Path), help="Labelled volumes (LiTS or Decathlon layout).")
+@click.option(
+    "--data",
+    "data_dir",
+    required=True,
+    type=click.Path(path_type=Path),
+    help="Labelled volumes (LiTS or Decathlon layout).",
+)
 @click.option("--max-dice-drop", default=0.01, show_default=True, type=float)
-@click.option("--latency-report", type=click.Path(path_type=Path), help="latency.json from seg-bench latency, for the Dice-vs-latency chart.")
+@click.option(
+    "--latency-report",
+    type=click.Path(path_type=Path),
+    help="latency.json from seg-bench latency, for the Dice-vs-latency chart.",
+)
 @click.option("--quick", is_flag=True, help="Only the first case.")
-@click.option("-o", "--out", "out_dir", type=click.Path(path_type=Path), default=Path("bench-parity"), show_default=True)
+@click.option(
+    "-o", "--out", "out_dir", type=click.Path(path_type=Path), default=Path("bench-parity"), show_default=True
+)
 def parity(reference, models, data_dir, max_dice_drop, latency_report, quick, out_dir) -> None:
     """Every model against the reference (an FP32 checkpoint or ONNX) on labelled volumes:
     LiTS metrics vs ground truth, Dice vs the reference, argmax agreement, max logit
@@ -184,16 +275,28 @@ def _precision(model: str) -> str:
 
 
 @cli.command("train-step")
-@click.option("--width", "widths", default="24,32", show_default=True, help="UNet base widths to time, comma-separated.")
+@click.option(
+    "--width", "widths", default="24,32", show_default=True, help="UNet base widths to time, comma-separated."
+)
 @click.option("--depth", default=4, show_default=True, type=click.IntRange(1))
 @click.option("--batch", default=8, show_default=True, type=click.IntRange(1), help="Crops per step.")
 @click.option("--crop", default=192, show_default=True, type=click.IntRange(8), help="Crop size in pixels.")
-@click.option("--context", default=1, show_default=True, type=click.IntRange(0), help="Neighbouring slices each side (2k+1 channels).")
-@click.option("--repeats", default=10, show_default=True, type=click.IntRange(1), help="Timed steps per width and layout.")
+@click.option(
+    "--context",
+    default=1,
+    show_default=True,
+    type=click.IntRange(0),
+    help="Neighbouring slices each side (2k+1 channels).",
+)
+@click.option(
+    "--repeats", default=10, show_default=True, type=click.IntRange(1), help="Timed steps per width and layout."
+)
 @click.option("--warmup", default=2, show_default=True, type=click.IntRange(0))
 @click.option("--threads", default=0, type=click.IntRange(0), help="Torch threads (0: torch's default).")
 @click.option("--device", default="cpu", show_default=True, help="cpu, cuda, mps or auto.")
-@click.option("-o", "--out", "out_dir", type=click.Path(path_type=Path), default=Path("bench-train-step"), show_default=True)
+@click.option(
+    "-o", "--out", "out_dir", type=click.Path(path_type=Path), default=Path("bench-train-step"), show_default=True
+)
 def train_step(widths, depth, batch, crop, context, repeats, warmup, threads, device, out_dir) -> None:
     """Time seg-train's training step (forward, loss, backward, Adam) per UNet width, with the
     weights in the default and in the channels-last layout (what seg-train uses on CPU and
@@ -206,8 +309,17 @@ def train_step(widths, depth, batch, crop, context, repeats, warmup, threads, de
     from .report import envelope, write_reports
     from .train_step import measure_train_steps, plot_train_steps, train_step_markdown
 
-    res = measure_train_steps(_ints(widths), depth=depth, batch=batch, crop=crop, channels=2 * context + 1,
-                              warmup=warmup, repeats=repeats, threads=threads, device=device)
+    res = measure_train_steps(
+        _ints(widths),
+        depth=depth,
+        batch=batch,
+        crop=crop,
+        channels=2 * context + 1,
+        warmup=warmup,
+        repeats=repeats,
+        threads=threads,
+        device=device,
+    )
     rep = envelope("train-step", res)
     md = train_step_markdown(rep)
     write_reports(out_dir, "train_step", rep, md, [(lambda p: plot_train_steps(rep, p), "train_step.png")])
@@ -218,7 +330,9 @@ def train_step(widths, depth, batch, crop, context, repeats, warmup, threads, de
 @cli.command()
 @click.argument("pred_dir", type=click.Path(path_type=Path))
 @click.argument("label_dir", type=click.Path(path_type=Path))
-@click.option("-o", "--out", "out_dir", type=click.Path(path_type=Path), default=None, help="Write score.json and score.md here.")
+@click.option(
+    "-o", "--out", "out_dir", type=click.Path(path_type=Path), default=None, help="Write score.json and score.md here."
+)
 def score(pred_dir, label_dir, out_dir) -> None:
     """The LiTS metric table (per case and global) for any predictions against labels,
     matched by case name: '<name>_seg.nii.gz' and '<name>.nii.gz' match '<name>';

@@ -75,8 +75,18 @@ def slice_times(backend, x: np.ndarray, batch: int, warmup: int, repeats: int) -
     return [t / (k * batch) for t in _timed(run, warmup, repeats)]
 
 
-def measure_model(model: str, volumes: list[str], batches: list[int], backend: str, threads: int, warmup: int,
-                  repeats: int, volume_repeats: int, vol_batch: int | None, streams: int = 0) -> dict:
+def measure_model(
+    model: str,
+    volumes: list[str],
+    batches: list[int],
+    backend: str,
+    threads: int,
+    warmup: int,
+    repeats: int,
+    volume_repeats: int,
+    vol_batch: int | None,
+    streams: int = 0,
+) -> dict:
     """Everything for one model (runs inside the worker subprocess)."""
     import onnx
 
@@ -87,7 +97,13 @@ def measure_model(model: str, volumes: list[str], batches: list[int], backend: s
 
     out: dict = {"model": model, "rows": [], "volumes": []}
     with open_backend(model, backend, "auto", threads, streams=streams) as be:
-        out.update(backend=be.name, provider=be.provider, precision=be.precision, in_flight=be.in_flight, describe=be.describe())
+        out.update(
+            backend=be.name,
+            provider=be.provider,
+            precision=be.precision,
+            in_flight=be.in_flight,
+            describe=be.describe(),
+        )
         flops = conv_flops(onnx.load(model)) if model.endswith(".onnx") else None
         out["gflop_per_slice"] = flops / 1e9 if flops else None
         x = real_slices([Path(v) for v in volumes], be.spec)
@@ -96,8 +112,15 @@ def measure_model(model: str, volumes: list[str], batches: list[int], backend: s
                 continue
             s = summarize(np.array(slice_times(be, x, b, warmup, repeats)) * 1000)
             latency = summarize(np.array(batch_latency(be.infer, x, b, warmup, repeats)) * 1000)
-            out["rows"].append({"batch": b, "per_slice_ms": s, "batch_latency_ms": latency, "throughput_slices_s": 1000 / s["median"],
-                                "gflops": (flops / 1e9) / (s["median"] / 1000) if flops else None})
+            out["rows"].append(
+                {
+                    "batch": b,
+                    "per_slice_ms": s,
+                    "batch_latency_ms": latency,
+                    "throughput_slices_s": 1000 / s["median"],
+                    "gflops": (flops / 1e9) / (s["median"] / 1000) if flops else None,
+                }
+            )
         bs = vol_batch or be.default_batch
         with tempfile.TemporaryDirectory() as tmp:
             device = getattr(be, "device_times_ms", None) or {}  # TensorRT's copy and compute time, summed
@@ -111,15 +134,23 @@ def measure_model(model: str, volumes: list[str], batches: list[int], backend: s
                     runs.append({**res["timings_s"], "device_ms": dict(device)})
                 walls = [r["wall"] for r in runs]
                 best = runs[int(np.argsort(walls)[len(walls) // 2])]
-                out["volumes"].append({"volume": Path(v).name, "batch": bs, "slices": best["slices"], "wall_s": summarize(walls),
-                                       "stages_s": {k: best[k] for k in ("read", "preprocess", "infer", "postprocess", "write")},
-                                       "device_ms": best["device_ms"]})
+                out["volumes"].append(
+                    {
+                        "volume": Path(v).name,
+                        "batch": bs,
+                        "slices": best["slices"],
+                        "wall_s": summarize(walls),
+                        "stages_s": {k: best[k] for k in ("read", "preprocess", "infer", "postprocess", "write")},
+                        "device_ms": best["device_ms"],
+                    }
+                )
     out["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     return out
 
 
-def measure_torch_baseline(checkpoint: str, volumes: list[str], warmup: int, repeats: int, threads: int,
-                           volume_repeats: int = 1) -> dict:
+def measure_torch_baseline(
+    checkpoint: str, volumes: list[str], warmup: int, repeats: int, threads: int, volume_repeats: int = 1
+) -> dict:
     """The seed's approach: PyTorch eager, one slice at a time, sequential preprocessing."""
     import torch
 
@@ -133,14 +164,30 @@ def measure_torch_baseline(checkpoint: str, volumes: list[str], warmup: int, rep
     ck = load_checkpoint(checkpoint)
     model = ck.model()
     spec = ck.spec
-    out: dict = {"model": checkpoint, "backend": "pytorch-eager", "provider": "cpu", "precision": "fp32", "rows": [], "volumes": []}
+    out: dict = {
+        "model": checkpoint,
+        "backend": "pytorch-eager",
+        "provider": "cpu",
+        "precision": "fp32",
+        "rows": [],
+        "volumes": [],
+    }
     x = real_slices([Path(v) for v in volumes], spec)
     with torch.inference_mode():
+
         def infer(b):
             return model(torch.from_numpy(b)).numpy()
 
         s = summarize(np.array(batch_latency(infer, x, 1, warmup, repeats)) * 1000)
-        out["rows"].append({"batch": 1, "per_slice_ms": s, "batch_latency_ms": s, "throughput_slices_s": 1000 / s["median"], "gflops": None})
+        out["rows"].append(
+            {
+                "batch": 1,
+                "per_slice_ms": s,
+                "batch_latency_ms": s,
+                "throughput_slices_s": 1000 / s["median"],
+                "gflops": None,
+            }
+        )
         with tempfile.TemporaryDirectory() as tmp:
             for v in volumes:
                 walls = []
@@ -153,7 +200,15 @@ def measure_torch_baseline(checkpoint: str, volumes: list[str], warmup: int, rep
                         labels[k] = logits_to_labels(infer(batcher(k, k + 1)), batcher.grid)[0]
                     write_mask(postprocess(labels), vol, Path(tmp) / "mask.nii.gz")
                     walls.append(time.perf_counter() - t0)
-                out["volumes"].append({"volume": Path(v).name, "batch": 1, "slices": int(vol.num_slices), "wall_s": summarize(walls), "stages_s": None})
+                out["volumes"].append(
+                    {
+                        "volume": Path(v).name,
+                        "batch": 1,
+                        "slices": int(vol.num_slices),
+                        "wall_s": summarize(walls),
+                        "stages_s": None,
+                    }
+                )
     out["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     return out
 
@@ -172,11 +227,27 @@ def _main() -> None:
     job = json.loads(sys.argv[1])
     try:
         if job.get("kind") == "torch":
-            res = measure_torch_baseline(job["checkpoint"], job["volumes"], job["warmup"], job["repeats"], job["threads"],
-                                         job.get("volume_repeats", 1))
+            res = measure_torch_baseline(
+                job["checkpoint"],
+                job["volumes"],
+                job["warmup"],
+                job["repeats"],
+                job["threads"],
+                job.get("volume_repeats", 1),
+            )
         else:
-            res = measure_model(job["model"], job["volumes"], job["batches"], job["backend"], job["threads"], job["warmup"],
-                                job["repeats"], job["volume_repeats"], job.get("vol_batch"), job.get("streams", 0))
+            res = measure_model(
+                job["model"],
+                job["volumes"],
+                job["batches"],
+                job["backend"],
+                job["threads"],
+                job["warmup"],
+                job["repeats"],
+                job["volume_repeats"],
+                job.get("vol_batch"),
+                job.get("streams", 0),
+            )
     except Exception as exc:  # reported per model by the parent
         print(f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}", file=sys.stderr)
         sys.exit(1)

@@ -24,7 +24,17 @@ def cpu_model() -> str:
 
 def versions() -> dict:
     out = {"python": sys.version.split()[0]}
-    for pkg in ("numpy", "scipy", "nibabel", "onnxruntime", "onnxruntime-gpu", "onnx", "torch", "tensorrt", "cuda-python"):
+    for pkg in (
+        "numpy",
+        "scipy",
+        "nibabel",
+        "onnxruntime",
+        "onnxruntime-gpu",
+        "onnx",
+        "torch",
+        "tensorrt",
+        "cuda-python",
+    ):
         try:
             out[pkg] = metadata.version(pkg)
         except metadata.PackageNotFoundError:
@@ -65,8 +75,7 @@ def matmul_rates(n: int = 2048, repeats: int = 5, threads: int = 0) -> dict[str,
     opts = ort.SessionOptions()
     if threads:
         opts.intra_op_num_threads = threads
-    sess = ort.InferenceSession(model.SerializeToString(), opts,
-                                providers=["CPUExecutionProvider"])
+    sess = ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
     rates["onnxruntime"] = _best_rate(lambda: sess.run(None, {"a": a, "b": b}), n, repeats)
     return rates
 

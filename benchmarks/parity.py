@@ -53,13 +53,14 @@ def open_infer(path: str | Path) -> tuple[Callable[[np.ndarray], np.ndarray], ob
 
     def infer(x: np.ndarray) -> np.ndarray:  # within the plan's batch profile, whatever the suite's batch
         step = be.max_batch or len(x)
-        return np.concatenate([be.infer(x[i:i + step]) for i in range(0, len(x), step)])
+        return np.concatenate([be.infer(x[i : i + step]) for i in range(0, len(x), step)])
 
     return infer, be.spec, be.release
 
 
-def parity(reference: str, models: list[str], data_dir: str, max_drop: float = MAX_DICE_DROP, batch: int = 8,
-           progress=None) -> dict:
+def parity(
+    reference: str, models: list[str], data_dir: str, max_drop: float = MAX_DICE_DROP, batch: int = 8, progress=None
+) -> dict:
     """Per model and case: metrics vs ground truth, Dice vs the reference, agreement, max |logit diff|, gate."""
     cases, bad = discover(data_dir, require_labels=True)
     if not cases:
@@ -105,8 +106,12 @@ def parity(reference: str, models: list[str], data_dir: str, max_drop: float = M
         for m in opened:
             pp = postprocess(raws[m])
             met = case_metrics(pp, gt, vol.spacing)
-            row = {"metrics": met, "agreement": float((raws[m] == ref_raw).mean()), "max_abs_logit_diff": maxdiff[m],
-                   "dice_vs_reference": {"liver": dice(pp >= 1, ref_pp >= 1), "tumor": dice(pp == 2, ref_pp == 2)}}
+            row = {
+                "metrics": met,
+                "agreement": float((raws[m] == ref_raw).mean()),
+                "max_abs_logit_diff": maxdiff[m],
+                "dice_vs_reference": {"liver": dice(pp >= 1, ref_pp >= 1), "tumor": dice(pp == 2, ref_pp == 2)},
+            }
             drops = {}
             for s in ("liver", "tumor"):
                 a, b = ref_cases[c.name][s]["dice"], met[s]["dice"]
@@ -123,8 +128,16 @@ def parity(reference: str, models: list[str], data_dir: str, max_drop: float = M
         results[m]["pass"] = bool(rows) and all(v["pass"] for v in rows.values())
         results[m]["agreement_mean"] = float(np.mean([v["agreement"] for v in rows.values()])) if rows else None
         results[m]["max_abs_logit_diff"] = max((v["max_abs_logit_diff"] for v in rows.values()), default=None)
-    return {"reference": {"model": reference, "per_case": ref_cases, "summary": summarize(ref_cases) if ref_cases else None},
-            "models": results, "max_dice_drop": max_drop, "bad_cases": [f"{b.name}: {b.reason}" for b in bad]}
+    return {
+        "reference": {
+            "model": reference,
+            "per_case": ref_cases,
+            "summary": summarize(ref_cases) if ref_cases else None,
+        },
+        "models": results,
+        "max_dice_drop": max_drop,
+        "bad_cases": [f"{b.name}: {b.reason}" for b in bad],
+    }
 
 
 # ---------------------------------------------------------------------------------- score

@@ -30,15 +30,23 @@ def label(r: dict) -> str:
 def latency_markdown(rep: dict) -> str:
     peak = rep.get("matmul_peak_gflops")
     rates = ", ".join(f"{k} {_f(v, 1)}" for k, v in (rep.get("matmul_gflops") or {}).items())
-    out = [f"# Latency on {rep['machine']['cpu']} ({rep['machine']['cores']} cores)", "",
-           f"Matrix-multiply peak (float32 2048x2048, best of the GEMMs at hand, same threads): {_f(peak, 1)} GFLOP/s"
-           + (f" ({rates})" if rates else "") + ". "
-           "ms/slice = steady-state time per slice with as many batches in flight as the backend runs at once "
-           "(its streams or buffer slots; one otherwise), over repeated runs after warm-up; "
-           "batch latency = one batch on its own.", ""]
+    out = [
+        f"# Latency on {rep['machine']['cpu']} ({rep['machine']['cores']} cores)",
+        "",
+        f"Matrix-multiply peak (float32 2048x2048, best of the GEMMs at hand, same threads): {_f(peak, 1)} GFLOP/s"
+        + (f" ({rates})" if rates else "")
+        + ". "
+        "ms/slice = steady-state time per slice with as many batches in flight as the backend runs at once "
+        "(its streams or buffer slots; one otherwise), over repeated runs after warm-up; "
+        "batch latency = one batch on its own.",
+        "",
+    ]
     out += [f"- {Path(str(r['model'])).name}: {r['describe']}" for r in rep["results"] if r.get("describe")]
-    out += ["", "| model | batch | median ms/slice | p90 | p95 | p99 | min | max | batch latency ms | slices/s | GFLOP/s | % of matmul peak |",
-            "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    out += [
+        "",
+        "| model | batch | median ms/slice | p90 | p95 | p99 | min | max | batch latency ms | slices/s | GFLOP/s | % of matmul peak |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for r in rep["results"]:
         if "error" in r:
             out.append(f"| {Path(str(r['model'])).name} | failed: {r['error']} |||||||||")
@@ -47,22 +55,33 @@ def latency_markdown(rep: dict) -> str:
             s = row["per_slice_ms"]
             pct = 100 * row["gflops"] / peak if row["gflops"] and peak else None
             lat = (row.get("batch_latency_ms") or {}).get("median")
-            out.append(f"| {label(r)} | {row['batch']} | {_f(s['median'])} | {_f(s['p90'])} | {_f(s['p95'])} | {_f(s['p99'])} | "
-                       f"{_f(s['min'])} | {_f(s['max'])} | {_f(lat)} | {_f(row['throughput_slices_s'], 1)} | {_f(row['gflops'], 1)} | {_f(pct, 0)} |")
-    out += ["", "## Whole volume, end to end", "",
-            "Stage times are each stage's own work (stages overlap in threads, so they need not add up to the wall time). "
-            "'wall / backend alone' divides the wall time by slices x the median ms/slice at the same batch size.", "",
-            "| model | volume | slices | batch | wall s (median) | ms/slice | read | preprocess | infer | postprocess | write | wall / backend alone | peak RSS MB |",
-            "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+            out.append(
+                f"| {label(r)} | {row['batch']} | {_f(s['median'])} | {_f(s['p90'])} | {_f(s['p95'])} | {_f(s['p99'])} | "
+                f"{_f(s['min'])} | {_f(s['max'])} | {_f(lat)} | {_f(row['throughput_slices_s'], 1)} | {_f(row['gflops'], 1)} | {_f(pct, 0)} |"
+            )
+    out += [
+        "",
+        "## Whole volume, end to end",
+        "",
+        "Stage times are each stage's own work (stages overlap in threads, so they need not add up to the wall time). "
+        "'wall / backend alone' divides the wall time by slices x the median ms/slice at the same batch size.",
+        "",
+        "| model | volume | slices | batch | wall s (median) | ms/slice | read | preprocess | infer | postprocess | write | wall / backend alone | peak RSS MB |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for r in rep["results"]:
         for v in r.get("volumes", []):
             st = v.get("stages_s") or {}
             wall = v["wall_s"]["median"]
-            alone = next((row["per_slice_ms"]["median"] for row in r.get("rows", []) if row["batch"] == v["batch"]), None)
+            alone = next(
+                (row["per_slice_ms"]["median"] for row in r.get("rows", []) if row["batch"] == v["batch"]), None
+            )
             ratio = wall / (v["slices"] * alone / 1000) if alone else None
-            out.append(f"| {label(r)} | {v['volume']} | {v['slices']} | {v['batch']} | {_f(wall)} | {_f(1000 * wall / v['slices'], 1)} | "
-                       + " | ".join(_f(st.get(k)) for k in ("read", "preprocess", "infer", "postprocess", "write"))
-                       + f" | {_f(ratio)} | {_f(r.get('peak_rss_mb'), 0)} |")
+            out.append(
+                f"| {label(r)} | {v['volume']} | {v['slices']} | {v['batch']} | {_f(wall)} | {_f(1000 * wall / v['slices'], 1)} | "
+                + " | ".join(_f(st.get(k)) for k in ("read", "preprocess", "infer", "postprocess", "write"))
+                + f" | {_f(ratio)} | {_f(r.get('peak_rss_mb'), 0)} |"
+            )
     ratios = rep.get("ratios") or {}
     if ratios:
         out += ["", "## Ratios (same run)", ""] + [f"- {k}: {v:.2f}x" for k, v in ratios.items()]
@@ -87,35 +106,59 @@ def latency_ratios(results: list[dict]) -> dict:
 def parity_markdown(rep: dict) -> str:
     drop = rep["max_dice_drop"]
     ref = rep["reference"]
-    out = [f"# Dice parity against {Path(ref['model']).name}", "",
-           f"Gate: no case may lose more than {drop} Dice (liver or tumour) against the reference's Dice with the ground truth.", "",
-           "| model | precision | liver Dice (mean / global) | tumour Dice (mean / global) | Dice vs reference (liver / tumour, mean) | argmax agreement | max abs logit diff | worst drop | gate |",
-           "|---|---|---|---|---|---|---|---|---|"]
+    out = [
+        f"# Dice parity against {Path(ref['model']).name}",
+        "",
+        f"Gate: no case may lose more than {drop} Dice (liver or tumour) against the reference's Dice with the ground truth.",
+        "",
+        "| model | precision | liver Dice (mean / global) | tumour Dice (mean / global) | Dice vs reference (liver / tumour, mean) | argmax agreement | max abs logit diff | worst drop | gate |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
     rs = ref.get("summary") or {}
     if rs:
-        out.append(f"| {Path(ref['model']).name} (reference) | fp32 | {_f(rs['liver']['dice_per_case_mean'], 4)} / {_f(rs['liver']['dice_global'], 4)} | "
-                   f"{_f(rs['tumor']['dice_per_case_mean'], 4)} / {_f(rs['tumor']['dice_global'], 4)} | | | | | |")
+        out.append(
+            f"| {Path(ref['model']).name} (reference) | fp32 | {_f(rs['liver']['dice_per_case_mean'], 4)} / {_f(rs['liver']['dice_global'], 4)} | "
+            f"{_f(rs['tumor']['dice_per_case_mean'], 4)} / {_f(rs['tumor']['dice_global'], 4)} | | | | | |"
+        )
     for m, r in rep["models"].items():
         if r.get("error"):
             out.append(f"| {Path(m).name} | failed: {r['error']} |||||||| FAIL |")
             continue
         s = r["summary"] or {}
         rows = [v for v in r["per_case"].values() if "metrics" in v]
-        vs = {k: [v["dice_vs_reference"][k] for v in rows if v["dice_vs_reference"][k] is not None] for k in ("liver", "tumor")}
+        vs = {
+            k: [v["dice_vs_reference"][k] for v in rows if v["dice_vs_reference"][k] is not None]
+            for k in ("liver", "tumor")
+        }
         drops = [d for v in rows for d in v["drop"].values() if d is not None]
         prec = r.get("precision", "")
-        out.append(f"| {Path(m).name} | {prec} | {_f(s['liver']['dice_per_case_mean'], 4)} / {_f(s['liver']['dice_global'], 4)} | "
-                   f"{_f(s['tumor']['dice_per_case_mean'], 4)} / {_f(s['tumor']['dice_global'], 4)} | "
-                   f"{_f(sum(vs['liver']) / len(vs['liver']) if vs['liver'] else None, 4)} / {_f(sum(vs['tumor']) / len(vs['tumor']) if vs['tumor'] else None, 4)} | "
-                   f"{_f(r['agreement_mean'], 5)} | {_f(r['max_abs_logit_diff'], 3)} | {_f(max(drops) if drops else None, 4)} | {'pass' if r['pass'] else 'FAIL'} |")
-    out += ["", "## Reference against ground truth (LiTS metrics)", "", markdown_table(ref["per_case"], rs) if rs else "(no cases)"]
+        out.append(
+            f"| {Path(m).name} | {prec} | {_f(s['liver']['dice_per_case_mean'], 4)} / {_f(s['liver']['dice_global'], 4)} | "
+            f"{_f(s['tumor']['dice_per_case_mean'], 4)} / {_f(s['tumor']['dice_global'], 4)} | "
+            f"{_f(sum(vs['liver']) / len(vs['liver']) if vs['liver'] else None, 4)} / {_f(sum(vs['tumor']) / len(vs['tumor']) if vs['tumor'] else None, 4)} | "
+            f"{_f(r['agreement_mean'], 5)} | {_f(r['max_abs_logit_diff'], 3)} | {_f(max(drops) if drops else None, 4)} | {'pass' if r['pass'] else 'FAIL'} |"
+        )
+    out += [
+        "",
+        "## Reference against ground truth (LiTS metrics)",
+        "",
+        markdown_table(ref["per_case"], rs) if rs else "(no cases)",
+    ]
     for m, r in rep["models"].items():
         rows = {k: v for k, v in r.get("per_case", {}).items() if "metrics" in v}
         if rows:
-            out += ["", f"## {Path(m).name}: per case", "", "| case | liver Dice | tumour Dice | liver drop | tumour drop | agreement | gate |", "|---|---|---|---|---|---|---|"]
+            out += [
+                "",
+                f"## {Path(m).name}: per case",
+                "",
+                "| case | liver Dice | tumour Dice | liver drop | tumour drop | agreement | gate |",
+                "|---|---|---|---|---|---|---|",
+            ]
             for k, v in rows.items():
-                out.append(f"| {k} | {_f(v['metrics']['liver']['dice'], 4)} | {_f(v['metrics']['tumor']['dice'], 4)} | {_f(v['drop']['liver'], 4)} | "
-                           f"{_f(v['drop']['tumor'], 4)} | {_f(v['agreement'], 5)} | {'pass' if v['pass'] else 'FAIL'} |")
+                out.append(
+                    f"| {k} | {_f(v['metrics']['liver']['dice'], 4)} | {_f(v['metrics']['tumor']['dice'], 4)} | {_f(v['drop']['liver'], 4)} | "
+                    f"{_f(v['drop']['tumor'], 4)} | {_f(v['agreement'], 5)} | {'pass' if v['pass'] else 'FAIL'} |"
+                )
     if rep.get("bad_cases"):
         out += ["", "Skipped cases: " + "; ".join(rep["bad_cases"])]
     return "\n".join(out) + "\n"
@@ -146,7 +189,12 @@ def plot_latency(rep: dict, path: Path) -> Path:
             continue
         b = [row["batch"] for row in r["rows"]]
         ax.plot(b, [row["per_slice_ms"]["median"] for row in r["rows"]], marker="o", label=label(r))
-        ax.fill_between(b, [row["per_slice_ms"]["min"] for row in r["rows"]], [row["per_slice_ms"]["p90"] for row in r["rows"]], alpha=0.15)
+        ax.fill_between(
+            b,
+            [row["per_slice_ms"]["min"] for row in r["rows"]],
+            [row["per_slice_ms"]["p90"] for row in r["rows"]],
+            alpha=0.15,
+        )
     ax.set_xscale("log", base=2)
     ax.set_xlabel("batch size (slices)")
     ax.set_ylabel("ms per slice, batches in flight (median; band min-p90)")
@@ -162,8 +210,14 @@ def plot_dice_bars(rep: dict, path: Path) -> Path:
     plt = _plt()
     import numpy as np
 
-    models = [(Path(rep["reference"]["model"]).name + " (ref)", {k: v for k, v in rep["reference"]["per_case"].items()})]
-    models += [(Path(m).name, {k: v["metrics"] for k, v in r["per_case"].items() if "metrics" in v}) for m, r in rep["models"].items() if not r.get("error")]
+    models = [
+        (Path(rep["reference"]["model"]).name + " (ref)", {k: v for k, v in rep["reference"]["per_case"].items()})
+    ]
+    models += [
+        (Path(m).name, {k: v["metrics"] for k, v in r["per_case"].items() if "metrics" in v})
+        for m, r in rep["models"].items()
+        if not r.get("error")
+    ]
     cases = list(rep["reference"]["per_case"])
     fig, axes = plt.subplots(1, 2, figsize=(11, 3.8), sharey=True)
     width = 0.8 / max(1, len(models))
@@ -185,7 +239,11 @@ def plot_dice_vs_latency(parity_rep: dict, latency_rep: dict, path: Path) -> Pat
     """One panel per class, one colour per model: the Dice differences between precisions are
     thousandths, so each class gets its own Dice axis."""
     plt = _plt()
-    lat = {Path(r["model"]).name: min(row["per_slice_ms"]["median"] for row in r["rows"]) for r in latency_rep["results"] if "error" not in r and r["rows"]}
+    lat = {
+        Path(r["model"]).name: min(row["per_slice_ms"]["median"] for row in r["rows"])
+        for r in latency_rep["results"]
+        if "error" not in r and r["rows"]
+    }
     fig, axes = plt.subplots(1, 2, figsize=(9, 3.8))
     ref = parity_rep.get("reference") or {}
     entries = ([(ref["model"], ref)] if ref.get("model") else []) + list(parity_rep["models"].items())
@@ -219,7 +277,10 @@ def plot_dice_vs_latency(parity_rep: dict, latency_rep: dict, path: Path) -> Pat
 
 def write_reports(out_dir: Path, stem: str, rep: dict, markdown: str, plots: list) -> list[Path]:
     out_dir.mkdir(parents=True, exist_ok=True)
-    written = [write_json_atomic(out_dir / f"{stem}.json", rep), write_bytes_atomic(out_dir / f"{stem}.md", markdown.encode())]
+    written = [
+        write_json_atomic(out_dir / f"{stem}.json", rep),
+        write_bytes_atomic(out_dir / f"{stem}.md", markdown.encode()),
+    ]
     for fn, name in plots:
         try:
             written.append(fn(out_dir / name))

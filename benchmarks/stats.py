@@ -19,5 +19,13 @@ def percentile(samples, q: float) -> float:
 def summarize(samples) -> dict:
     """median, p90, p95, p99, min, max, mean and count of a list of numbers."""
     x = np.asarray(samples, dtype=np.float64)
-    return {"median": percentile(x, 50), "p90": percentile(x, 90), "p95": percentile(x, 95), "p99": percentile(x, 99),
-            "min": float(x.min()), "max": float(x.max()), "mean": float(x.mean()), "n": int(x.size)}
+    return {
+        "median": percentile(x, 50),
+        "p90": percentile(x, 90),
+        "p95": percentile(x, 95),
+        "p99": percentile(x, 99),
+        "min": float(x.min()),
+        "max": float(x.max()),
+        "mean": float(x.mean()),
+        "n": int(x.size),
+    }

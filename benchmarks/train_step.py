@@ -19,9 +19,19 @@ from .stats import summarize
 LAYOUTS = ("contiguous", "channels_last")
 
 
-def measure_train_steps(widths: list[int], depth: int = 4, batch: int = 8, crop: int = 192, channels: int = 3,
-                        classes: int = 3, warmup: int = 2, repeats: int = 10, threads: int = 0,
-                        device: str = "cpu", seed: int = 0) -> dict:
+def measure_train_steps(
+    widths: list[int],
+    depth: int = 4,
+    batch: int = 8,
+    crop: int = 192,
+    channels: int = 3,
+    classes: int = 3,
+    warmup: int = 2,
+    repeats: int = 10,
+    threads: int = 0,
+    device: str = "cpu",
+    seed: int = 0,
+) -> dict:
     """Seconds per training step (summary statistics) and the loss of every step, per width and layout."""
     torch = require("torch", "train", "timing training steps")
     from train.loop import loss_fn, select_device
@@ -63,31 +73,58 @@ def measure_train_steps(widths: list[int], depth: int = 4, batch: int = 8, crop:
         params = sum(p.numel() for p in ref.parameters())
         for layout, (_, _, times, losses) in runs.items():
             s = summarize(times)
-            rows.append({"width": width, "layout": layout, "params": params, "step_s": s,
-                         "slices_per_s": batch / s["median"], "losses": losses})
-    return {"device": str(dev), "threads": torch.get_num_threads(), "torch": torch.__version__, "depth": depth,
-            "batch": batch, "crop": crop, "channels": channels, "warmup": warmup, "repeats": repeats, "rows": rows}
+            rows.append(
+                {
+                    "width": width,
+                    "layout": layout,
+                    "params": params,
+                    "step_s": s,
+                    "slices_per_s": batch / s["median"],
+                    "losses": losses,
+                }
+            )
+    return {
+        "device": str(dev),
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "depth": depth,
+        "batch": batch,
+        "crop": crop,
+        "channels": channels,
+        "warmup": warmup,
+        "repeats": repeats,
+        "rows": rows,
+    }
 
 
 def speedups(rows: list[dict]) -> dict[int, float]:
     """Per width: median contiguous step time / median channels-last step time."""
     med = {(r["width"], r["layout"]): r["step_s"]["median"] for r in rows}
-    return {w: med[(w, "contiguous")] / med[(w, "channels_last")]
-            for w in sorted({r["width"] for r in rows}) if (w, "contiguous") in med and (w, "channels_last") in med}
+    return {
+        w: med[(w, "contiguous")] / med[(w, "channels_last")]
+        for w in sorted({r["width"] for r in rows})
+        if (w, "contiguous") in med and (w, "channels_last") in med
+    }
 
 
 def train_step_markdown(rep: dict) -> str:
     up = speedups(rep["rows"])
-    out = [f"# Training step: batch {rep['batch']} x {rep['channels']} x {rep['crop']} x {rep['crop']}, depth {rep['depth']}",
-           "", f"{rep['machine']['cpu']}, {rep['device']}, {rep['threads']} threads, torch {rep['torch']}; "
-           f"median of {rep['repeats']} steps after {rep['warmup']} warm-up steps, layouts interleaved.", "",
-           "| width | layout | parameters (M) | s per step (median) | p90 | min | slices/s | speed-up |",
-           "|---|---|---|---|---|---|---|---|"]
+    out = [
+        f"# Training step: batch {rep['batch']} x {rep['channels']} x {rep['crop']} x {rep['crop']}, depth {rep['depth']}",
+        "",
+        f"{rep['machine']['cpu']}, {rep['device']}, {rep['threads']} threads, torch {rep['torch']}; "
+        f"median of {rep['repeats']} steps after {rep['warmup']} warm-up steps, layouts interleaved.",
+        "",
+        "| width | layout | parameters (M) | s per step (median) | p90 | min | slices/s | speed-up |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for r in rep["rows"]:
         s = r["step_s"]
         gain = _f(up.get(r["width"]), 2) + "x" if r["layout"] == "channels_last" else ""
-        out.append(f"| {r['width']} | {r['layout']} | {r['params'] / 1e6:.2f} | {s['median']:.3f} | {s['p90']:.3f} | "
-                   f"{s['min']:.3f} | {r['slices_per_s']:.1f} | {gain} |")
+        out.append(
+            f"| {r['width']} | {r['layout']} | {r['params'] / 1e6:.2f} | {s['median']:.3f} | {s['p90']:.3f} | "
+            f"{s['min']:.3f} | {r['slices_per_s']:.1f} | {gain} |"
+        )
     return "\n".join(out) + "\n"
 
 

@@ -32,7 +32,12 @@ def _cases(data_dir: Path, what: str):
 @cli.command("onnx")
 @click.argument("checkpoint", type=click.Path(path_type=Path))
 @click.option("-o", "--out", required=True, type=click.Path(path_type=Path), help="Output .onnx file.")
-@click.option("--verify-data", type=click.Path(path_type=Path), default=None, help="Labelled cases to verify on (default: a generated phantom).")
+@click.option(
+    "--verify-data",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="Labelled cases to verify on (default: a generated phantom).",
+)
 @click.option("--opset", default=18, show_default=True, type=click.IntRange(17, 23))
 def onnx_cmd(checkpoint: Path, out: Path, verify_data: Path | None, opset: int) -> None:
     """Export a checkpoint to one self-contained ONNX file with a dynamic batch axis and the
@@ -45,23 +50,50 @@ def onnx_cmd(checkpoint: Path, out: Path, verify_data: Path | None, opset: int) 
     from .onnx_export import export_onnx
 
     path, v = export_onnx(checkpoint, out, verify_data, opset)
-    click.echo(f"wrote {path}: verified on {v.slices} slices, argmax agreement {v.agreement:.6f}, max |logit diff| {v.max_abs_diff:.2e}")
+    click.echo(
+        f"wrote {path}: verified on {v.slices} slices, argmax agreement {v.agreement:.6f}, max |logit diff| {v.max_abs_diff:.2e}"
+    )
 
 
 @cli.command()
 @click.argument("model", type=click.Path(path_type=Path))
 @click.option("--precision", type=click.Choice(["fp16", "int8"]), required=True)
-@click.option("--calib", "calib_dir", type=click.Path(path_type=Path), help="Labelled cases for INT8 calibration (and, unless --eval-data, evaluation).")
+@click.option(
+    "--calib",
+    "calib_dir",
+    type=click.Path(path_type=Path),
+    help="Labelled cases for INT8 calibration (and, unless --eval-data, evaluation).",
+)
 @click.option("--eval-data", type=click.Path(path_type=Path), help="Held-out labelled cases for the Dice evaluation.")
 @click.option("--target", type=click.Choice(["tensorrt", "cpu"]), default="tensorrt", show_default=True)
 @click.option("--method", type=click.Choice(["minmax", "entropy", "percentile"]), default="minmax", show_default=True)
 @click.option("--calib-slices", default=64, show_default=True, type=click.IntRange(4))
-@click.option("--max-dice-drop", default=0.01, show_default=True, type=float, help="Refuse the model if any case loses more Dice (per class).")
-@click.option("--quantize-edges", is_flag=True, help="INT8: also quantize the first and the output convolution (by default "
-              "they stay float: about 1% of the FLOPs, and the most sensitive layers).")
+@click.option(
+    "--max-dice-drop",
+    default=0.01,
+    show_default=True,
+    type=float,
+    help="Refuse the model if any case loses more Dice (per class).",
+)
+@click.option(
+    "--quantize-edges",
+    is_flag=True,
+    help="INT8: also quantize the first and the output convolution (by default "
+    "they stay float: about 1% of the FLOPs, and the most sensitive layers).",
+)
 @click.option("-o", "--out", required=True, type=click.Path(path_type=Path))
-def quantize(model: Path, precision: str, calib_dir: Path | None, eval_data: Path | None, target: str, method: str,
-             calib_slices: int, max_dice_drop: float, quantize_edges: bool, out: Path) -> None:
+def quantize(
+    model: Path,
+    precision: str,
+    calib_dir: Path | None,
+    eval_data: Path | None,
+    target: str,
+    method: str,
+    calib_slices: int,
+    max_dice_drop: float,
+    quantize_edges: bool,
+    out: Path,
+) -> None:
     """Write an FP16 or calibrated INT8 (Q/DQ) graph, evaluated against the FP32 model on
     held-out volumes and refused if it loses more than --max-dice-drop Dice on any case.
 
@@ -81,28 +113,72 @@ def quantize(model: Path, precision: str, calib_dir: Path | None, eval_data: Pat
     evals = _cases(eval_data, "evaluation") if eval_data else None
     if evals is None:
         if not calib or len(calib) < 2:
-            raise InputError("give --eval-data DIR (held-out labelled cases), or --calib with at least 2 cases to split")
+            raise InputError(
+                "give --eval-data DIR (held-out labelled cases), or --calib with at least 2 cases to split"
+            )
         k = max(1, len(calib) // 4)
         calib, evals = calib[:-k], calib[-k:]
-    path, parity = run(model, out, precision, calib, evals, target, method, calib_slices, max_dice_drop, echo=click.echo,
-                       quantize_edges=quantize_edges)
-    click.echo(f"wrote {path} ({precision}{'/' + target if precision == 'int8' else ''}); every case within {max_dice_drop} Dice of FP32")
+    path, parity = run(
+        model,
+        out,
+        precision,
+        calib,
+        evals,
+        target,
+        method,
+        calib_slices,
+        max_dice_drop,
+        echo=click.echo,
+        quantize_edges=quantize_edges,
+    )
+    click.echo(
+        f"wrote {path} ({precision}{'/' + target if precision == 'int8' else ''}); every case within {max_dice_drop} Dice of FP32"
+    )
 
 
 @cli.command("build-engine")
 @click.argument("model", type=click.Path(path_type=Path))
-@click.option("-o", "--out", required=True, type=click.Path(path_type=Path), help="Output plan; its sidecar goes to OUT.json.")
-@click.option("--precision", type=click.Choice(["fp32", "fp16", "int8"]), default=None, help="Convert first (MODEL must then be a checkpoint or FP32 ONNX).")
-@click.option("--calib", "calib_dir", type=click.Path(path_type=Path), help="Calibration/evaluation cases for --precision int8/fp16.")
+@click.option(
+    "-o", "--out", required=True, type=click.Path(path_type=Path), help="Output plan; its sidecar goes to OUT.json."
+)
+@click.option(
+    "--precision",
+    type=click.Choice(["fp32", "fp16", "int8"]),
+    default=None,
+    help="Convert first (MODEL must then be a checkpoint or FP32 ONNX).",
+)
+@click.option(
+    "--calib",
+    "calib_dir",
+    type=click.Path(path_type=Path),
+    help="Calibration/evaluation cases for --precision int8/fp16.",
+)
 @click.option("--min-batch", default=1, show_default=True, type=int)
 @click.option("--opt-batch", default=8, show_default=True, type=int)
 @click.option("--max-batch", default=16, show_default=True, type=int)
 @click.option("--workspace-mb", default=1024, show_default=True, type=click.IntRange(16))
-@click.option("--opt-level", default=3, show_default=True, type=click.IntRange(0, 5), help="Builder optimisation level.")
-@click.option("--timing-cache", type=click.Path(path_type=Path), help="Reusable timing cache file (read if present, then updated).")
+@click.option(
+    "--opt-level", default=3, show_default=True, type=click.IntRange(0, 5), help="Builder optimisation level."
+)
+@click.option(
+    "--timing-cache",
+    type=click.Path(path_type=Path),
+    help="Reusable timing cache file (read if present, then updated).",
+)
 @click.option("--verbose", is_flag=True)
-def build_engine(model: Path, out: Path, precision: str | None, calib_dir: Path | None, min_batch: int, opt_batch: int, max_batch: int,
-                 workspace_mb: int, opt_level: int, timing_cache: Path | None, verbose: bool) -> None:
+def build_engine(
+    model: Path,
+    out: Path,
+    precision: str | None,
+    calib_dir: Path | None,
+    min_batch: int,
+    opt_batch: int,
+    max_batch: int,
+    workspace_mb: int,
+    opt_level: int,
+    timing_cache: Path | None,
+    verbose: bool,
+) -> None:
     """Build a strongly typed TensorRT plan (TensorRT 10.x or 11.x) from an ONNX graph, with a
     batch optimisation profile, and write model.plan plus model.plan.json (spec, hashes,
     TensorRT version, GPU, profile, device memory, parity). Run it on the target device.
@@ -131,19 +207,35 @@ def build_engine(model: Path, out: Path, precision: str | None, calib_dir: Path 
             src, _ = export_onnx(model, Path(tmp) / "fp32.onnx")
         if precision in ("fp16", "int8"):
             if not calib_dir:
-                raise InputError(f"--precision {precision} needs --calib DIR (labelled cases to calibrate and evaluate on)")
+                raise InputError(
+                    f"--precision {precision} needs --calib DIR (labelled cases to calibrate and evaluate on)"
+                )
             from .quantize import quantize as run
 
             cases = _cases(calib_dir, "calibration")
             k = max(1, len(cases) // 4)
-            src, _ = run(src, Path(tmp) / f"{precision}.onnx", precision, cases[:-k], cases[-k:], "tensorrt", echo=click.echo)
+            src, _ = run(
+                src, Path(tmp) / f"{precision}.onnx", precision, cases[:-k], cases[-k:], "tensorrt", echo=click.echo
+            )
         graph = load_onnx(src)
         spec = get_spec(graph)
         check_graph_layout(graph, spec, str(src))
-        side = build(src, out, spec, file_sha256(src), (min_batch, opt_batch, max_batch), workspace_mb, opt_level, timing_cache, verbose)
+        side = build(
+            src,
+            out,
+            spec,
+            file_sha256(src),
+            (min_batch, opt_batch, max_batch),
+            workspace_mb,
+            opt_level,
+            timing_cache,
+            verbose,
+        )
     mem = side.get("device_memory_bytes")
-    click.echo(f"wrote {out} and {out}.json: TensorRT {side['tensorrt_version']} on {side['gpu']['name']}, "
-               f"batch {min_batch}/{opt_batch}/{max_batch}" + (f", {mem / 2**20:.0f} MiB device memory" if mem else ""))
+    click.echo(
+        f"wrote {out} and {out}.json: TensorRT {side['tensorrt_version']} on {side['gpu']['name']}, "
+        f"batch {min_batch}/{opt_batch}/{max_batch}" + (f", {mem / 2**20:.0f} MiB device memory" if mem else "")
+    )
 
 
 def main() -> None:

@@ -42,9 +42,18 @@ def device_memory_bytes(engine, version: tuple[int, ...]) -> int | None:
     return int(getattr(engine, "device_memory_size", 0)) or None
 
 
-def build_engine(onnx_path: str | Path, plan_path: str | Path, spec: ModelSpec, onnx_sha256: str, profile: tuple[int, int, int],
-                 workspace_mb: int = 1024, opt_level: int = 3, timing_cache: str | Path | None = None,
-                 verbose: bool = False, device: DeviceInfo | None = None) -> dict:
+def build_engine(
+    onnx_path: str | Path,
+    plan_path: str | Path,
+    spec: ModelSpec,
+    onnx_sha256: str,
+    profile: tuple[int, int, int],
+    workspace_mb: int = 1024,
+    opt_level: int = 3,
+    timing_cache: str | Path | None = None,
+    verbose: bool = False,
+    device: DeviceInfo | None = None,
+) -> dict:
     """Parse, build and write ``plan_path`` plus its sidecar; returns the sidecar."""
     min_b, opt_b, max_b = validate_profile(*profile)
     if not 0 <= opt_level <= 5:
@@ -78,15 +87,29 @@ def build_engine(onnx_path: str | Path, plan_path: str | Path, spec: ModelSpec, 
     config.set_timing_cache(cache, False)
     plan = builder.build_serialized_network(network, config)
     if plan is None:
-        raise EngineBuildError("TensorRT could not build the engine (see its log above; try --verbose or a larger --workspace-mb)")
+        raise EngineBuildError(
+            "TensorRT could not build the engine (see its log above; try --verbose or a larger --workspace-mb)"
+        )
     plan_bytes = bytes(plan)
     if cache_path:
         write_bytes_atomic(cache_path, bytes(config.get_timing_cache().serialize()))
     engine = trt.Runtime(logger).deserialize_cuda_engine(plan_bytes)
     mem = device_memory_bytes(engine, version) if engine is not None else None
-    side = make_sidecar(spec, onnx_sha256, plan_bytes, trt.__version__, device, (min_b, opt_b, max_b),
-                        {"workspace_mb": workspace_mb, "optimization_level": opt_level, "strongly_typed": True,
-                         "timing_cache": str(cache_path) if cache_path else None}, mem)
+    side = make_sidecar(
+        spec,
+        onnx_sha256,
+        plan_bytes,
+        trt.__version__,
+        device,
+        (min_b, opt_b, max_b),
+        {
+            "workspace_mb": workspace_mb,
+            "optimization_level": opt_level,
+            "strongly_typed": True,
+            "timing_cache": str(cache_path) if cache_path else None,
+        },
+        mem,
+    )
     write_bytes_atomic(plan_path, plan_bytes)
     write_json_atomic(sidecar_path(plan_path), side)
     return side

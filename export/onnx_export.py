@@ -34,7 +34,12 @@ class Verification:
     slices: int
 
     def as_dict(self) -> dict:
-        return {"max_abs_diff": self.max_abs_diff, "logit_scale": self.logit_scale, "argmax_agreement": self.agreement, "slices": self.slices}
+        return {
+            "max_abs_diff": self.max_abs_diff,
+            "logit_scale": self.logit_scale,
+            "argmax_agreement": self.agreement,
+            "slices": self.slices,
+        }
 
 
 def set_spec(model, spec: ModelSpec) -> None:
@@ -50,11 +55,14 @@ def get_spec(model) -> ModelSpec:
     for p in model.metadata_props:
         if p.key == METADATA_KEY:
             return ModelSpec.from_json(p.value)
-    raise InputError("the ONNX model carries no spec (metadata_props has no model spec); export it with seg-export onnx")
+    raise InputError(
+        "the ONNX model carries no spec (metadata_props has no model spec); export it with seg-export onnx"
+    )
 
 
 def check_graph_layout(model, spec: ModelSpec, where: str = "the model") -> None:
     """The graph's input/output names and C, H, W must be what its spec says."""
+
     def dims(vi):
         return [d.dim_param or d.dim_value for d in vi.type.tensor_type.shape.dim]
 
@@ -70,7 +78,11 @@ def check_graph_layout(model, spec: ModelSpec, where: str = "the model") -> None
     if not outs or outs[0].name != spec.io.output_name:
         problems.append(f"outputs {[o.name for o in outs]} (spec: ['{spec.io.output_name}'])")
     if problems:
-        raise InputError(f"{where}: input layout does not match its spec: " + "; ".join(problems) + "; re-export it with seg-export onnx")
+        raise InputError(
+            f"{where}: input layout does not match its spec: "
+            + "; ".join(problems)
+            + "; re-export it with seg-export onnx"
+        )
 
 
 def load_onnx(path: str | Path):
@@ -102,14 +114,20 @@ def verification_slices(spec: ModelSpec, data_dir: str | Path | None = None, n: 
 
         data, lab, spacing = canonical(make_phantom(seed=7919, index=0, size=256, slices=48))
     liver_slices = np.nonzero((lab >= 1).reshape(lab.shape[0], -1).any(1))[0]
-    picks = list(liver_slices[np.linspace(0, len(liver_slices) - 1, min(n, len(liver_slices))).astype(int)]) if len(liver_slices) else []
+    picks = (
+        list(liver_slices[np.linspace(0, len(liver_slices) - 1, min(n, len(liver_slices))).astype(int)])
+        if len(liver_slices)
+        else []
+    )
     picks = sorted(set(picks) | {0, lab.shape[0] - 1})[: max(n, 2)]
     return np.concatenate([make_batch(data, spacing, spec.preprocess, int(s), int(s) + 1) for s in picks])
 
 
 def compare(ref: np.ndarray, got: np.ndarray) -> Verification:
     ref, got = ref.astype(np.float32), got.astype(np.float32)
-    agree = float((ref.argmax(1) == got.argmax(1)).mean()) if ref.shape[1] > 1 else float(((ref > 0) == (got > 0)).mean())
+    agree = (
+        float((ref.argmax(1) == got.argmax(1)).mean()) if ref.shape[1] > 1 else float(((ref > 0) == (got > 0)).mean())
+    )
     return Verification(float(np.abs(ref - got).max()), float(np.abs(ref).max()), agree, int(ref.shape[0]))
 
 
@@ -118,14 +136,18 @@ def ort_session(model_bytes: bytes, optimize: bool = True, threads: int = 0):
 
     ort = require("onnxruntime", "cpu", "running ONNX models")
     so = ort.SessionOptions()
-    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL if optimize else ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    so.graph_optimization_level = (
+        ort.GraphOptimizationLevel.ORT_ENABLE_ALL if optimize else ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    )
     if threads:
         so.intra_op_num_threads = threads
     so.log_severity_level = 3
     return ort.InferenceSession(model_bytes, so, providers=["CPUExecutionProvider"])
 
 
-def export_onnx(checkpoint: str | Path, out: str | Path, verify_data: str | Path | None = None, opset: int = OPSET) -> tuple[Path, Verification]:
+def export_onnx(
+    checkpoint: str | Path, out: str | Path, verify_data: str | Path | None = None, opset: int = OPSET
+) -> tuple[Path, Verification]:
     """Export, check, verify against PyTorch, then write atomically (nothing written on failure)."""
     import onnx
     import torch
@@ -142,15 +164,27 @@ def export_onnx(checkpoint: str | Path, out: str | Path, verify_data: str | Path
         warnings.simplefilter("ignore")
         logging.getLogger("torch.onnx").setLevel(logging.ERROR)
         program = torch.onnx.export(
-            model, (x,), input_names=[spec.io.input_name], output_names=[spec.io.output_name],
-            dynamo=True, dynamic_shapes=({0: torch.export.Dim("batch", min=1, max=1024)},), opset_version=opset,
-            verbose=False, optimize=True,
+            model,
+            (x,),
+            input_names=[spec.io.input_name],
+            output_names=[spec.io.output_name],
+            dynamo=True,
+            dynamic_shapes=({0: torch.export.Dim("batch", min=1, max=1024)},),
+            opset_version=opset,
+            verbose=False,
+            optimize=True,
         )
     proto = program.model_proto
     proto.graph.input[0].type.tensor_type.shape.dim[0].dim_param = "batch"
     proto.graph.output[0].type.tensor_type.shape.dim[0].dim_param = "batch"
-    spec = spec.with_(precision="fp32", provenance={**spec.provenance, "checkpoint_sha256": file_sha256(checkpoint),
-                                                      "exporter": f"torch {torch.__version__} dynamo, opset {opset}"})
+    spec = spec.with_(
+        precision="fp32",
+        provenance={
+            **spec.provenance,
+            "checkpoint_sha256": file_sha256(checkpoint),
+            "exporter": f"torch {torch.__version__} dynamo, opset {opset}",
+        },
+    )
     set_spec(proto, spec)
     proto.producer_name = "unet-edge"
     onnx.checker.check_model(proto, full_check=True)

@@ -67,7 +67,9 @@ def calibration_slices(cases, spec, n: int = 64, seed: int = 0) -> tuple[np.ndar
         pools["any"] += [(ci, s) for s in range(lab.shape[0])]
         loaded.append(vol)
     if not pools["liver"]:
-        raise InputError("the calibration data has no slice with liver (label >= 1); calibrate on CT with liver in view")
+        raise InputError(
+            "the calibration data has no slice with liver (label >= 1); calibrate on CT with liver in view"
+        )
     picks = []
     for name, share in (("tumour", n // 3), ("liver", n // 3), ("any", n - 2 * (n // 3))):
         pool = pools[name] or pools["liver"]
@@ -79,8 +81,13 @@ def calibration_slices(cases, spec, n: int = 64, seed: int = 0) -> tuple[np.ndar
         grid = slice_grid(vol.data.shape[1:], vol.spacing[1:], spec.preprocess)
         batches.append(make_batch(vol.data, vol.spacing, spec.preprocess, int(s), int(s) + 1, grid))
     data = np.concatenate(batches).astype(np.float32)
-    info = {"slices": int(len(data)), "cases": [c.name for c in cases], "sha256": hashlib.sha256(data.tobytes()).hexdigest(),
-            "tumour_slices": sum(1 for ci, s in picks if (ci, s) in set(pools["tumour"])), "seed": seed}
+    info = {
+        "slices": int(len(data)),
+        "cases": [c.name for c in cases],
+        "sha256": hashlib.sha256(data.tobytes()).hexdigest(),
+        "tumour_slices": sum(1 for ci, s in picks if (ci, s) in set(pools["tumour"])),
+        "seed": seed,
+    }
     return data, info
 
 
@@ -93,7 +100,7 @@ class _Reader:
     def get_next(self):
         if self.i >= len(self.data):
             return None
-        b = self.data[self.i:self.i + self.batch]
+        b = self.data[self.i : self.i + self.batch]
         self.i += self.batch
         return {self.name: b}
 
@@ -138,10 +145,13 @@ def int8_settings(target: str) -> dict:
 
     if target == "tensorrt":
         return {
-            "activation_type": QuantType.QInt8, "weight_type": QuantType.QInt8, "reduce_range": False,
+            "activation_type": QuantType.QInt8,
+            "weight_type": QuantType.QInt8,
+            "reduce_range": False,
             "op_types": ["Conv", "ConvTranspose"],
             "extra": {
-                "ActivationSymmetric": True, "WeightSymmetric": True,
+                "ActivationSymmetric": True,
+                "WeightSymmetric": True,
                 # TensorRT takes float biases and fuses them; int32 bias Q/DQ only adds nodes
                 "QuantizeBias": False,
                 # Q/DQ on the inputs of Conv/ConvTranspose only, outputs stay float: TensorRT's
@@ -151,7 +161,9 @@ def int8_settings(target: str) -> dict:
         }
     if target == "cpu":
         return {
-            "activation_type": QuantType.QUInt8, "weight_type": QuantType.QInt8, "reduce_range": True,
+            "activation_type": QuantType.QUInt8,
+            "weight_type": QuantType.QInt8,
+            "reduce_range": True,
             "op_types": ["Conv", "Relu", "MaxPool", "Concat", "DepthToSpace"],
             "extra": {"ActivationSymmetric": False, "WeightSymmetric": True},
         }
@@ -180,13 +192,21 @@ def upsampling_as_depth_to_space(model):
         w = numpy_helper.to_array(inits[n.input[1]])  # (in, out, 2, 2)
         c_out = w.shape[1]
         ins = [n.input[0], n.input[1] + ".as_1x1"]
-        g.initializer.append(numpy_helper.from_array(np.ascontiguousarray(w.transpose(1, 2, 3, 0).reshape(4 * c_out, -1, 1, 1)), ins[1]))
+        g.initializer.append(
+            numpy_helper.from_array(np.ascontiguousarray(w.transpose(1, 2, 3, 0).reshape(4 * c_out, -1, 1, 1)), ins[1])
+        )
         if len(n.input) > 2 and n.input[2]:
             ins.append(n.input[2] + ".as_1x1")
-            g.initializer.append(numpy_helper.from_array(np.repeat(numpy_helper.to_array(inits[n.input[2]]), 4), ins[2]))
+            g.initializer.append(
+                numpy_helper.from_array(np.repeat(numpy_helper.to_array(inits[n.input[2]]), 4), ins[2])
+            )
         mid = n.output[0] + ".before_depth_to_space"
         nodes.append(helper.make_node("Conv", ins, [mid], name=f"{n.name}.as_1x1", kernel_shape=[1, 1]))
-        nodes.append(helper.make_node("DepthToSpace", [mid], list(n.output), name=f"{n.name}.depth_to_space", blocksize=2, mode="CRD"))
+        nodes.append(
+            helper.make_node(
+                "DepthToSpace", [mid], list(n.output), name=f"{n.name}.depth_to_space", blocksize=2, mode="CRD"
+            )
+        )
     del g.node[:]
     g.node.extend(nodes)
     used = {i for n in g.node for i in n.input}
@@ -199,11 +219,18 @@ def upsampling_as_depth_to_space(model):
 def _is_plain_2x2_up(n, inits: dict) -> bool:
     """A ConvTranspose with a 2x2 kernel, stride 2, no padding, groups or dilation, and
     constant weights and bias: the up-convolution of the UNet."""
-    return (n.op_type == "ConvTranspose" and list(_attr(n, "kernel_shape", [])) == [2, 2]
-            and list(_attr(n, "strides", [1, 1])) == [2, 2] and int(_attr(n, "group", 1)) == 1
-            and not any(_attr(n, "pads", [0])) and not any(_attr(n, "output_padding", [0]))
-            and set(_attr(n, "dilations", [1])) == {1} and _attr(n, "auto_pad", b"NOTSET") in (b"NOTSET", "NOTSET")
-            and n.input[1] in inits and (len(n.input) < 3 or not n.input[2] or n.input[2] in inits))
+    return (
+        n.op_type == "ConvTranspose"
+        and list(_attr(n, "kernel_shape", [])) == [2, 2]
+        and list(_attr(n, "strides", [1, 1])) == [2, 2]
+        and int(_attr(n, "group", 1)) == 1
+        and not any(_attr(n, "pads", [0]))
+        and not any(_attr(n, "output_padding", [0]))
+        and set(_attr(n, "dilations", [1])) == {1}
+        and _attr(n, "auto_pad", b"NOTSET") in (b"NOTSET", "NOTSET")
+        and n.input[1] in inits
+        and (len(n.input) < 3 or not n.input[2] or n.input[2] in inits)
+    )
 
 
 def edge_nodes(model) -> list[str]:
@@ -224,7 +251,11 @@ def to_int8(model, data: np.ndarray, target: str, method: str = "minmax", quanti
     import onnx
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, quantize_static
 
-    methods = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy, "percentile": CalibrationMethod.Percentile}
+    methods = {
+        "minmax": CalibrationMethod.MinMax,
+        "entropy": CalibrationMethod.Entropy,
+        "percentile": CalibrationMethod.Percentile,
+    }
     if method not in methods:
         raise InputError(f"--method must be one of {sorted(methods)}, got {method!r}")
     cfg = int8_settings(target)
@@ -238,18 +269,28 @@ def to_int8(model, data: np.ndarray, target: str, method: str = "minmax", quanti
         # Runtime's quantizer would choose): give ConvTranspose weights one scale each.
         extra["TensorQuantOverrides"] = {
             n.input[1]: [{"quant_type": cfg["weight_type"], "symmetric": True}]
-            for n in model.graph.node if n.op_type == "ConvTranspose"
+            for n in model.graph.node
+            if n.op_type == "ConvTranspose"
         }
     if target == "cpu":
         model = upsampling_as_depth_to_space(model)
     with tempfile.TemporaryDirectory() as tmp:
         src, dst = Path(tmp) / "fp32.onnx", Path(tmp) / "int8.onnx"
         onnx.save(model, str(src))
-        quantize_static(str(src), str(dst), _Reader(spec.io.input_name, data), quant_format=QuantFormat.QDQ,
-                        op_types_to_quantize=cfg["op_types"], per_channel=True, reduce_range=cfg["reduce_range"],
-                        activation_type=cfg["activation_type"], weight_type=cfg["weight_type"],
-                        calibrate_method=methods[method], extra_options=extra,
-                        nodes_to_exclude=[] if quantize_edges else edge_nodes(model))
+        quantize_static(
+            str(src),
+            str(dst),
+            _Reader(spec.io.input_name, data),
+            quant_format=QuantFormat.QDQ,
+            op_types_to_quantize=cfg["op_types"],
+            per_channel=True,
+            reduce_range=cfg["reduce_range"],
+            activation_type=cfg["activation_type"],
+            weight_type=cfg["weight_type"],
+            calibrate_method=methods[method],
+            extra_options=extra,
+            nodes_to_exclude=[] if quantize_edges else edge_nodes(model),
+        )
         return onnx.load(str(dst))
 
 
@@ -313,13 +354,22 @@ def check_qdq(model, target: str) -> dict:
         if src in consts:
             return consts[src]
         p = producers.get(src)
-        if node.op_type == "DequantizeLinear" and p is not None and p.op_type == "QuantizeLinear" and p.input[0] in consts:
+        if (
+            node.op_type == "DequantizeLinear"
+            and p is not None
+            and p.op_type == "QuantizeLinear"
+            and p.input[0] in consts
+        ):
             return consts[p.input[0]]
         return None
 
     def weight_users(node) -> list[tuple[object, str]]:
         """(op, input name) pairs where the dequantized weight is used."""
-        dqs = [node] if node.op_type == "DequantizeLinear" else [d for d in consumers.get(node.output[0], []) if d.op_type == "DequantizeLinear"]
+        dqs = (
+            [node]
+            if node.op_type == "DequantizeLinear"
+            else [d for d in consumers.get(node.output[0], []) if d.op_type == "DequantizeLinear"]
+        )
         return [(u, d.output[0]) for d in dqs for u in consumers.get(d.output[0], [])]
 
     problems: list[str] = []
@@ -350,18 +400,24 @@ def check_qdq(model, target: str) -> dict:
         if kind == "activation":
             counts["activation_qdq"] += 1
         elif n.op_type == "DequantizeLinear":
-            counts["bias_qdq" if kind == "bias" else "weights_per_channel" if scale.size > 1 else "weights_per_tensor"] += 1
+            counts[
+                "bias_qdq" if kind == "bias" else "weights_per_channel" if scale.size > 1 else "weights_per_tensor"
+            ] += 1
 
         # zero points
         if kind == "bias":
             if target == "tensorrt":
-                problems.append(f"{name}: int32 bias Q/DQ; TensorRT takes float biases (quantize with QuantizeBias off)")
+                problems.append(
+                    f"{name}: int32 bias Q/DQ; TensorRT takes float biases (quantize with QuantizeBias off)"
+                )
             elif zp is not None and np.any(zp != 0):
                 problems.append(f"{name}: bias zero point is not 0")
         elif target == "tensorrt" or kind == "weight":
             if zp is None:
                 if zp_name is None:
-                    problems.append(f"{name}: no zero point (ONNX then means uint8); {'TensorRT' if target == 'tensorrt' else 'weights'} need an explicit int8 zero point of 0")
+                    problems.append(
+                        f"{name}: no zero point (ONNX then means uint8); {'TensorRT' if target == 'tensorrt' else 'weights'} need an explicit int8 zero point of 0"
+                    )
             else:
                 if zp.dtype != np.int8:
                     problems.append(f"{name}: zero point type {zp.dtype}, need int8")
@@ -383,18 +439,34 @@ def check_qdq(model, target: str) -> dict:
                     if u.op_type not in OUT_CHANNEL_AXIS or len(u.input) < 2 or u.input[1] != used_as:
                         continue
                     if target == "tensorrt" and u.op_type == "ConvTranspose":
-                        problems.append(f"{name}: per-channel weight scales on ConvTranspose {u.name or u.output[0]}; "
-                                        "TensorRT's deconvolution supports per-tensor weight scales here")
+                        problems.append(
+                            f"{name}: per-channel weight scales on ConvTranspose {u.name or u.output[0]}; "
+                            "TensorRT's deconvolution supports per-tensor weight scales here"
+                        )
                         continue
                     want = OUT_CHANNEL_AXIS[u.op_type]
                     if axis != want:
-                        problems.append(f"{name}: per-channel axis {axis} on a {u.op_type} weight, need {want} (output channels)")
+                        problems.append(
+                            f"{name}: per-channel axis {axis} on a {u.op_type} weight, need {want} (output channels)"
+                        )
                 if not 0 <= axis < w.ndim or w.shape[axis] != scale.size:
                     problems.append(f"{name}: {scale.size} scales for axis {axis} of a weight shaped {list(w.shape)}")
-        if target == "cpu" and kind == "weight" and w is not None and w.dtype == np.int8 and int(np.abs(w.astype(np.int16)).max(initial=0)) > REDUCED_RANGE:
-            problems.append(f"{name}: int8 weights use the full range; the x86 CPU int8 kernels need 7-bit (reduce_range) weights")
+        if (
+            target == "cpu"
+            and kind == "weight"
+            and w is not None
+            and w.dtype == np.int8
+            and int(np.abs(w.astype(np.int16)).max(initial=0)) > REDUCED_RANGE
+        ):
+            problems.append(
+                f"{name}: int8 weights use the full range; the x86 CPU int8 kernels need 7-bit (reduce_range) weights"
+            )
     convs = [n for n in nodes if n.op_type in OUT_CHANNEL_AXIS]
-    quantized = [n for n in convs if len(n.input) > 1 and n.input[1] in producers and producers[n.input[1]].op_type == "DequantizeLinear"]
+    quantized = [
+        n
+        for n in convs
+        if len(n.input) > 1 and n.input[1] in producers and producers[n.input[1]].op_type == "DequantizeLinear"
+    ]
     counts.update({"convs": len(convs), "quantized_convs": len(quantized)})
     if counts["qdq_nodes"] == 0 or not quantized:
         problems.append("no QuantizeLinear/DequantizeLinear on any convolution weight: the graph is not quantized")
@@ -432,12 +504,24 @@ class Parity:
         return out
 
     def as_dict(self) -> dict:
-        return {"passed": self.passed, "max_dice_drop": self.max_drop, "summary": self.summary(),
-                "per_case": self.per_case, "notes": self.notes}
+        return {
+            "passed": self.passed,
+            "max_dice_drop": self.max_drop,
+            "summary": self.summary(),
+            "per_case": self.per_case,
+            "notes": self.notes,
+        }
 
 
-def evaluate_parity(reference_bytes: bytes, candidate_bytes: bytes, cases, spec, optimize_candidate: bool = True,
-                    max_drop: float = MAX_DICE_DROP, batch: int = 8) -> Parity:
+def evaluate_parity(
+    reference_bytes: bytes,
+    candidate_bytes: bytes,
+    cases,
+    spec,
+    optimize_candidate: bool = True,
+    max_drop: float = MAX_DICE_DROP,
+    batch: int = 8,
+) -> Parity:
     """Segment each case with both models through the one slice pipeline (runtime.inference)
     and postprocessing; per case: argmax agreement (before postprocessing), and for liver and
     tumour the Dice of each model vs the ground truth, the drop, and Dice vs the FP32 prediction.
@@ -469,8 +553,10 @@ def evaluate_parity(reference_bytes: bytes, candidate_bytes: bytes, cases, spec,
             row[cls] = {"dice_fp32": d_ref, "dice": d_cand, "drop": drop, "dice_vs_fp32": dice(sel(pc), sel(pr))}
             if drop is None:
                 extra = int(np.count_nonzero(sel(pc)))
-                notes.append(f"{c.name}: {cls} skipped in the gate (no {cls} in the ground truth and none predicted by FP32"
-                             + (f"; the converted model predicts {extra} {cls} voxels)" if extra else " or the converted model)"))
+                notes.append(
+                    f"{c.name}: {cls} skipped in the gate (no {cls} in the ground truth and none predicted by FP32"
+                    + (f"; the converted model predicts {extra} {cls} voxels)" if extra else " or the converted model)")
+                )
             elif drop > max_drop:
                 ok = False
         per_case[c.name] = row
@@ -479,22 +565,39 @@ def evaluate_parity(reference_bytes: bytes, candidate_bytes: bytes, cases, spec,
 
 def parity_table(per_case: dict, max_drop: float, notes: list | None = None) -> str:
     f = lambda v: "n/a" if v is None else f"{v:.4f}"  # noqa: E731
-    lines = [f"{'case':<16}{'agree':>8}  {'liver fp32':>10}{'liver':>8}{'drop':>8}{'vs fp32':>9}  "
-             f"{'tumour fp32':>11}{'tumour':>8}{'drop':>8}{'vs fp32':>9}"]
+    lines = [
+        f"{'case':<16}{'agree':>8}  {'liver fp32':>10}{'liver':>8}{'drop':>8}{'vs fp32':>9}  "
+        f"{'tumour fp32':>11}{'tumour':>8}{'drop':>8}{'vs fp32':>9}"
+    ]
     for name, r in per_case.items():
         L, T = r["liver"], r["tumor"]
         flag = "  FAIL" if any(x["drop"] is not None and x["drop"] > max_drop for x in (L, T)) else ""
-        lines.append(f"{name:<16}{r['agreement']:>8.5f}  {f(L['dice_fp32']):>10}{f(L['dice']):>8}{f(L['drop']):>8}{f(L['dice_vs_fp32']):>9}"
-                     f"  {f(T['dice_fp32']):>11}{f(T['dice']):>8}{f(T['drop']):>8}{f(T['dice_vs_fp32']):>9}{flag}")
-    lines.append(f"(dice vs ground truth; drop = fp32 - converted, allowed <= {max_drop} per class and case; "
-                 "vs fp32 = Dice against the FP32 prediction; agree = voxel argmax agreement)")
+        lines.append(
+            f"{name:<16}{r['agreement']:>8.5f}  {f(L['dice_fp32']):>10}{f(L['dice']):>8}{f(L['drop']):>8}{f(L['dice_vs_fp32']):>9}"
+            f"  {f(T['dice_fp32']):>11}{f(T['dice']):>8}{f(T['drop']):>8}{f(T['dice_vs_fp32']):>9}{flag}"
+        )
+    lines.append(
+        f"(dice vs ground truth; drop = fp32 - converted, allowed <= {max_drop} per class and case; "
+        "vs fp32 = Dice against the FP32 prediction; agree = voxel argmax agreement)"
+    )
     lines += [f"note: {n}" for n in notes or []]
     return "\n".join(lines)
 
 
-def quantize(model_path: str | Path, out: str | Path, precision: str, calib_cases=None, eval_cases=None, target: str = "tensorrt",
-             method: str = "minmax", calib_slices: int = 64, max_drop: float = MAX_DICE_DROP, seed: int = 0, echo=print,
-             quantize_edges: bool = False) -> tuple[Path, Parity]:
+def quantize(
+    model_path: str | Path,
+    out: str | Path,
+    precision: str,
+    calib_cases=None,
+    eval_cases=None,
+    target: str = "tensorrt",
+    method: str = "minmax",
+    calib_slices: int = 64,
+    max_drop: float = MAX_DICE_DROP,
+    seed: int = 0,
+    echo=print,
+    quantize_edges: bool = False,
+) -> tuple[Path, Parity]:
     """Convert, check the graph, evaluate against the FP32 model on held-out cases, gate, then
     write atomically. Nothing is written when any step fails."""
     import onnx
@@ -512,14 +615,18 @@ def quantize(model_path: str | Path, out: str | Path, precision: str, calib_case
     spec = get_spec(model)
     check_graph_layout(model, spec, str(model_path))
     if spec.precision != "fp32":
-        raise InputError(f"{model_path}: is already {spec.precision}; convert the FP32 model written by seg-export onnx")
+        raise InputError(
+            f"{model_path}: is already {spec.precision}; convert the FP32 model written by seg-export onnx"
+        )
     if not eval_cases:
         raise InputError("no evaluation cases: give --eval-data DIR with held-out labelled cases")
     if calib_cases and eval_cases:
         shared = {Path(c.image).resolve() for c in calib_cases} & {Path(c.image).resolve() for c in eval_cases}
         if shared:
-            raise InputError(f"evaluation cases are also calibration cases ({len(shared)} shared, e.g. {sorted(shared)[0].name}); "
-                             "evaluate on held-out cases")
+            raise InputError(
+                f"evaluation cases are also calibration cases ({len(shared)} shared, e.g. {sorted(shared)[0].name}); "
+                "evaluate on held-out cases"
+            )
     fp32_bytes = model.SerializeToString()
     if precision == "fp16":
         qmodel = to_fp16(model)
@@ -528,7 +635,9 @@ def quantize(model_path: str | Path, out: str | Path, precision: str, calib_case
         if not calib_cases:
             raise InputError("--precision int8 needs --calib DIR with labelled CT cases")
         data, calib = calibration_slices(calib_cases, spec, calib_slices, seed)
-        calib.update({"method": method, "target": target, "first_and_output_conv": "int8" if quantize_edges else "float"})
+        calib.update(
+            {"method": method, "target": target, "first_and_output_conv": "int8" if quantize_edges else "float"}
+        )
         qmodel = to_int8(model, data, target, method, quantize_edges)
         checks = check_qdq(qmodel, target)
         # TensorRT computes Q/DQ graphs as float math on quantized values: disable ONNX
@@ -538,13 +647,24 @@ def quantize(model_path: str | Path, out: str | Path, precision: str, calib_case
     new_spec = spec.with_(precision=precision, calibration=calib, parity=None)
     set_spec(qmodel, new_spec)
     onnx.checker.check_model(qmodel, full_check=True)
-    parity = evaluate_parity(fp32_bytes, qmodel.SerializeToString(), eval_cases, spec, optimize_candidate=optimize, max_drop=max_drop)
+    parity = evaluate_parity(
+        fp32_bytes, qmodel.SerializeToString(), eval_cases, spec, optimize_candidate=optimize, max_drop=max_drop
+    )
     echo(parity.table)
     what = f"{precision}{'/' + target if precision == 'int8' else ''}"
     if not parity.passed:
-        raise GateFailure(f"the {what} model loses more than {max_drop} Dice against FP32 on some case (table above); not written")
-    record = {"vs": "fp32", "evaluated_with": "onnxruntime CPU, graph optimisations " + ("on" if optimize else "off (Q/DQ simulated in float)"),
-              "evaluated_with_graph_optimizations": optimize, "eval_cases": [c.name for c in eval_cases],
-              "fp32_sha256": file_sha256(model_path), **({"graph": checks} if checks else {}), **parity.as_dict()}
+        raise GateFailure(
+            f"the {what} model loses more than {max_drop} Dice against FP32 on some case (table above); not written"
+        )
+    record = {
+        "vs": "fp32",
+        "evaluated_with": "onnxruntime CPU, graph optimisations "
+        + ("on" if optimize else "off (Q/DQ simulated in float)"),
+        "evaluated_with_graph_optimizations": optimize,
+        "eval_cases": [c.name for c in eval_cases],
+        "fp32_sha256": file_sha256(model_path),
+        **({"graph": checks} if checks else {}),
+        **parity.as_dict(),
+    }
     set_spec(qmodel, new_spec.with_(parity=record))
     return write_bytes_atomic(out, qmodel.SerializeToString()), parity

@@ -53,9 +53,19 @@ def _bar(total: int, desc: str, unit: str, leave: bool = True):
     return tqdm(total=total, desc=desc, unit=unit, leave=leave, disable=not sys.stderr.isatty())
 
 
-def segment_files(paths: list[Path], backend, out_dir: Path, batch_size: int, skip_existing: bool = False,
-                  postprocess: bool = True, holes: bool = False, overlay: bool = False, echo=click.echo,
-                  probabilities: bool = False, min_tumour_ml: float = 0.0) -> dict[Path, dict | str]:
+def segment_files(
+    paths: list[Path],
+    backend,
+    out_dir: Path,
+    batch_size: int,
+    skip_existing: bool = False,
+    postprocess: bool = True,
+    holes: bool = False,
+    overlay: bool = False,
+    echo=click.echo,
+    probabilities: bool = False,
+    min_tumour_ml: float = 0.0,
+) -> dict[Path, dict | str]:
     """Segment each file; returns {path: report dict, or the error line}. One bad volume never stops the rest."""
     from .io import (
         case_name,
@@ -97,8 +107,20 @@ def segment_files(paths: list[Path], backend, out_dir: Path, batch_size: int, sk
             prob = np.empty((backend.spec.out_channels, *vol.data.shape), np.uint8) if probabilities else None
             labels = np.empty(vol.data.shape, np.uint8)
             components = StreamingComponents(labels) if postprocess else None  # labelled while inference goes on
-            segment_canonical(vol.data, vol.spacing, backend.spec, None, batch_size, t, progress=bar.update, backend=backend,
-                              probabilities=prob, arrival=vol.arrival, out=labels, on_final=components.add if components else None)
+            segment_canonical(
+                vol.data,
+                vol.spacing,
+                backend.spec,
+                None,
+                batch_size,
+                t,
+                progress=bar.update,
+                backend=backend,
+                probabilities=prob,
+                arrival=vol.arrival,
+                out=labels,
+                on_final=components.add if components else None,
+            )
             bar.close()
             read_s, read_began = done.result()  # a stream that fails its final checksum stops here, before any output
             t.add("read", read_s)
@@ -125,16 +147,30 @@ def segment_files(paths: list[Path], backend, out_dir: Path, batch_size: int, sk
             # if it was read ahead meanwhile
             t.wall = time.perf_counter() - max(read_began, done_at)
             report = {
-                "input": str(p), "mask": str(mask_path), **({"probabilities": str(prob_path)} if prob_path else {}), **stats,
-                "slices": vol.num_slices, "shape": list(vol.shape), "spacing_mm": list(vol.spacing),
-                "timings_s": t.as_dict(), "backend": backend.name, "provider": backend.provider,
-                "precision": backend.precision, "batch_size": batch_size, "model": str(getattr(backend, "path", "")),
-                "model_sha256": model_hash, "postprocess": postprocess, "min_tumour_ml": min_tumour_ml, "warnings": [warning] if warning else [],
+                "input": str(p),
+                "mask": str(mask_path),
+                **({"probabilities": str(prob_path)} if prob_path else {}),
+                **stats,
+                "slices": vol.num_slices,
+                "shape": list(vol.shape),
+                "spacing_mm": list(vol.spacing),
+                "timings_s": t.as_dict(),
+                "backend": backend.name,
+                "provider": backend.provider,
+                "precision": backend.precision,
+                "batch_size": batch_size,
+                "model": str(getattr(backend, "path", "")),
+                "model_sha256": model_hash,
+                "postprocess": postprocess,
+                "min_tumour_ml": min_tumour_ml,
+                "warnings": [warning] if warning else [],
             }
             write_json_atomic(json_path, report)
             results[p] = report
-            echo(f"{p}: liver {stats['liver_ml']:.0f} mL, tumour {stats['tumor_ml']:.1f} mL in {stats['tumor_count']} lesion(s); "
-                 f"{vol.num_slices} slices in {t.wall:.1f}s -> {mask_path}")
+            echo(
+                f"{p}: liver {stats['liver_ml']:.0f} mL, tumour {stats['tumor_ml']:.1f} mL in {stats['tumor_count']} lesion(s); "
+                f"{vol.num_slices} slices in {t.wall:.1f}s -> {mask_path}"
+            )
         except SegError as exc:
             results[p] = str(exc)
             echo(f"error: {exc}", err=True)
@@ -147,27 +183,82 @@ def segment_files(paths: list[Path], backend, out_dir: Path, batch_size: int, sk
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
 @click.argument("inputs", nargs=-1)
-@click.option("-m", "--model", type=click.Path(path_type=Path), help="model.onnx or model.plan (default: the embedded demo model).")
-@click.option("-o", "--out", "out_dir", type=click.Path(path_type=Path), default=None, help="Output directory (created if missing).")
+@click.option(
+    "-m",
+    "--model",
+    type=click.Path(path_type=Path),
+    help="model.onnx or model.plan (default: the embedded demo model).",
+)
+@click.option(
+    "-o",
+    "--out",
+    "out_dir",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="Output directory (created if missing).",
+)
 @click.option("--demo", is_flag=True, help="Generate a CT phantom, segment it and print Dice against its ground truth.")
 @click.option("--backend", type=click.Choice(["auto", "onnxruntime", "tensorrt"]), default="auto", show_default=True)
-@click.option("--provider", type=click.Choice(["auto", "cpu", "cuda", "tensorrt"]), default="auto", show_default=True, help="ONNX Runtime execution provider.")
-@click.option("--threads", type=click.IntRange(0), default=0, help="ONNX Runtime threads in all (0: all cores), shared by its streams.")
-@click.option("--streams", type=click.IntRange(0), default=0, help="ONNX Runtime on the CPU: batches run at once, each on its own "
-              "threads (0: 2 where there are 2 cores or more; 1: one batch at a time on all threads).")
-@click.option("--batch-size", type=click.IntRange(1), default=None, help="Slices per batch (default: chosen per backend).")
+@click.option(
+    "--provider",
+    type=click.Choice(["auto", "cpu", "cuda", "tensorrt"]),
+    default="auto",
+    show_default=True,
+    help="ONNX Runtime execution provider.",
+)
+@click.option(
+    "--threads",
+    type=click.IntRange(0),
+    default=0,
+    help="ONNX Runtime threads in all (0: all cores), shared by its streams.",
+)
+@click.option(
+    "--streams",
+    type=click.IntRange(0),
+    default=0,
+    help="ONNX Runtime on the CPU: batches run at once, each on its own "
+    "threads (0: 2 where there are 2 cores or more; 1: one batch at a time on all threads).",
+)
+@click.option(
+    "--batch-size", type=click.IntRange(1), default=None, help="Slices per batch (default: chosen per backend)."
+)
 @click.option("--skip-existing", is_flag=True, help="Skip volumes whose mask and JSON already exist (resume a batch).")
 @click.option("--overlay", is_flag=True, help="Also write <name>_overlay.png with outlines on representative slices.")
 @click.option("--cuda-graph", is_flag=True, help="TensorRT: replay the steady-state batch as a CUDA graph.")
 @click.option("--no-postprocess", is_flag=True, help="Keep every predicted component (no largest-liver filter).")
 @click.option("--fill-holes", is_flag=True, help="Fill holes in the liver slice by slice.")
-@click.option("--min-tumour-ml", type=click.FloatRange(0), default=0.0, show_default=True,
-              help="Relabel tumour components smaller than this (mL) as liver: specks in a tumour-free liver (0: keep all).")
-@click.option("--probabilities", is_flag=True, help="Also write <name>_prob.nii.gz: per-class probabilities (4D, input geometry, "
-              "uint8 with scale 1/255; before postprocessing).")
+@click.option(
+    "--min-tumour-ml",
+    type=click.FloatRange(0),
+    default=0.0,
+    show_default=True,
+    help="Relabel tumour components smaller than this (mL) as liver: specks in a tumour-free liver (0: keep all).",
+)
+@click.option(
+    "--probabilities",
+    is_flag=True,
+    help="Also write <name>_prob.nii.gz: per-class probabilities (4D, input geometry, "
+    "uint8 with scale 1/255; before postprocessing).",
+)
 @DEBUG_OPTION
-def cli(inputs, model, out_dir, demo, backend, provider, threads, streams, batch_size, skip_existing, overlay, cuda_graph, no_postprocess, fill_holes,
-        probabilities, min_tumour_ml) -> None:
+def cli(
+    inputs,
+    model,
+    out_dir,
+    demo,
+    backend,
+    provider,
+    threads,
+    streams,
+    batch_size,
+    skip_existing,
+    overlay,
+    cuda_graph,
+    no_postprocess,
+    fill_holes,
+    probabilities,
+    min_tumour_ml,
+) -> None:
     """Segment liver and liver tumours in CT volumes (NIfTI), writing <name>_seg.nii.gz
     (uint8: 0 background, 1 liver, 2 tumour; the input's geometry) and <name>.json
     (volumes in mL, tumour count and burden, per-stage timings, backend, model hash).
@@ -194,13 +285,25 @@ def cli(inputs, model, out_dir, demo, backend, provider, threads, streams, batch
     with open_backend(model, backend, provider, threads, cuda_graph=cuda_graph, streams=streams) as be:
         bs = batch_size or be.default_batch
         if be.max_batch and bs > be.max_batch:
-            raise InputError(f"--batch-size {bs} is above {Path(model).name}'s max batch {be.max_batch}; use --batch-size "
-                             f"{be.max_batch} or less, or rebuild the plan with --max-batch {bs}")
+            raise InputError(
+                f"--batch-size {bs} is above {Path(model).name}'s max batch {be.max_batch}; use --batch-size "
+                f"{be.max_batch} or less, or rebuild the plan with --max-batch {bs}"
+            )
         click.echo(f"backend: {be.describe()}, batch {bs} (--backend {backend} chose {be.name})", err=True)
         if cuda_graph and be.name != "tensorrt":
             click.echo("note: --cuda-graph applies to TensorRT plans only; ignored", err=True)
-        results = segment_files(paths, be, out_dir, bs, skip_existing, not no_postprocess, fill_holes, overlay,
-                                probabilities=probabilities, min_tumour_ml=min_tumour_ml)
+        results = segment_files(
+            paths,
+            be,
+            out_dir,
+            bs,
+            skip_existing,
+            not no_postprocess,
+            fill_holes,
+            overlay,
+            probabilities=probabilities,
+            min_tumour_ml=min_tumour_ml,
+        )
     failed = [p for p, r in results.items() if isinstance(r, str)]
     if failed:
         click.echo(f"{len(failed)} of {len(results)} volume(s) failed", err=True)
@@ -238,8 +341,11 @@ def run_demo(model, out_dir, backend, provider, threads, batch_size, streams: in
     f = lambda v: "n/a (no tumour)" if v is None else f"{v:.4f}"  # noqa: E731
     t = r["timings_s"]
     click.echo(f"Dice vs ground truth: liver {f(d_liver)}, tumour {f(d_tumour)}")
-    click.echo("timings (s): " + ", ".join(f"{k} {t[k]:.2f}" for k in ("read", "preprocess", "infer", "postprocess", "write", "wall"))
-               + f"; {t['slices'] / max(t['infer'], 1e-9):.1f} slices/s in the model")
+    click.echo(
+        "timings (s): "
+        + ", ".join(f"{k} {t[k]:.2f}" for k in ("read", "preprocess", "infer", "postprocess", "write", "wall"))
+        + f"; {t['slices'] / max(t['infer'], 1e-9):.1f} slices/s in the model"
+    )
     click.echo(f"mask: {r['mask']}  overlay: {out / 'phantom_overlay.png'}")
     return 0 if d_liver is not None and np.isfinite(d_liver) else EXIT_FAILED
 

@@ -49,6 +49,4 @@ def run_cli(group: click.Command, prog_name: str, argv: list[str] | None = None)
     sys.exit(0)
 
 
-DEBUG_OPTION = click.option(
-    "--debug", is_flag=True, expose_value=False, help="Show the full traceback on errors."
-)
+DEBUG_OPTION = click.option("--debug", is_flag=True, expose_value=False, help="Show the full traceback on errors.")

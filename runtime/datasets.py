@@ -51,8 +51,7 @@ def discover(root: str | Path, require_labels: bool = True) -> tuple[list[Case],
     if (root / "imagesTr").is_dir():
         cases, bad = _pair(
             {_strip(p.name): p for p in nifti_files(root / "imagesTr")},
-            {_strip(p.name): p for p in nifti_files(root / "labelsTr")}
-            if (root / "labelsTr").is_dir() else {},
+            {_strip(p.name): p for p in nifti_files(root / "labelsTr")} if (root / "labelsTr").is_dir() else {},
             require_labels,
         )
         layout = "Decathlon (imagesTr/labelsTr)"
@@ -68,9 +67,7 @@ def discover(root: str | Path, require_labels: bool = True) -> tuple[list[Case],
     if not cases:
         others = sorted(p.name for p in nifti_files(root))[:3]
         hint = f"; found other NIfTI files such as {others}" if others else ""
-        raise InputError(
-            f"{root}: no labelled cases found; expected the {layout} layout{hint}"
-        )
+        raise InputError(f"{root}: no labelled cases found; expected the {layout} layout{hint}")
     return cases, bad
 
 

@@ -17,8 +17,12 @@ InferFn = Callable[[np.ndarray], np.ndarray]  # (n, C, H, W) float32 -> (n, K, H
 
 
 def predict_labels(
-    volume: np.ndarray, spacing: tuple[float, float, float], spec: ModelSpec, infer: InferFn,
-    batch_size: int = 8, progress: Callable[[int], None] | None = None,
+    volume: np.ndarray,
+    spacing: tuple[float, float, float],
+    spec: ModelSpec,
+    infer: InferFn,
+    batch_size: int = 8,
+    progress: Callable[[int], None] | None = None,
 ) -> np.ndarray:
     """Canonical (slices, rows, cols) HU -> uint8 labels on the same grid (no postprocessing)."""
     from .pipeline import segment_canonical

@@ -206,8 +206,12 @@ def _isal_plain(img: nib.Nifti1Image, path: str | os.PathLike) -> bool:
     return True
 
 
-def _read_gz_isal(img: nib.Nifti1Image, path: str | os.PathLike, out: np.ndarray | None = None,
-                  progress: Callable[[int], None] | None = None) -> np.ndarray | None:
+def _read_gz_isal(
+    img: nib.Nifti1Image,
+    path: str | os.PathLike,
+    out: np.ndarray | None = None,
+    progress: Callable[[int], None] | None = None,
+) -> np.ndarray | None:
     """Voxels of an unscaled .nii.gz inflated by ISA-L straight into the array, or None.
 
     ISA-L (the ``isal`` package) inflates 2-3x faster than zlib, and reading into the final
@@ -235,7 +239,7 @@ def _read_gz_isal(img: nib.Nifti1Image, path: str | os.PathLike, out: np.ndarray
                 skip -= len(chunk)
             got = 0
             while got < len(buf):
-                n = f.readinto(buf[got:got + step])
+                n = f.readinto(buf[got : got + step])
                 if not n:
                     raise EOFError(f"expected {len(buf)} bytes of voxel data, file holds {got}")
                 got += n
@@ -263,8 +267,13 @@ def read_volume(path: str | os.PathLike, on_open: Callable[[Volume], None] | Non
         raise InputError(f"{path}: the affine is degenerate; the file's geometry header is broken")
     ornt = io_orientation(affine)
     dtype = img.dataobj.dtype
-    stream = (on_open is not None and int(ornt[2][0]) == 2 and dtype.kind in "iu" and dtype.isnative
-              and _isal_plain(img, path))
+    stream = (
+        on_open is not None
+        and int(ornt[2][0]) == 2
+        and dtype.kind in "iu"
+        and dtype.isnative
+        and _isal_plain(img, path)
+    )
     data = np.empty(img.shape[:3], dtype, order="F") if stream else read_array(img, path)
     vol = Volume(
         data=to_canonical(data, ornt),
@@ -348,7 +357,11 @@ def probability_image(prob_canonical: np.ndarray, ref: Volume) -> nib.Nifti1Imag
 def _image_like(arr: np.ndarray, ref: Volume, slope: float) -> nib.Nifti1Image:
     hdr = ref.header.copy()
     hdr.set_data_dtype(np.uint8)
-    img = nib.Nifti1Image(arr, ref.affine, hdr) if isinstance(hdr, nib.Nifti1Header) else nib.Nifti2Image(arr, ref.affine, hdr)
+    img = (
+        nib.Nifti1Image(arr, ref.affine, hdr)
+        if isinstance(hdr, nib.Nifti1Header)
+        else nib.Nifti2Image(arr, ref.affine, hdr)
+    )
     qform, qcode = ref.header.get_qform(coded=True)
     sform, scode = ref.header.get_sform(coded=True)
     img.set_qform(qform if qform is not None else ref.affine, code=int(qcode or 0))

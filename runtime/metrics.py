@@ -85,9 +85,14 @@ def structure_metrics(pred: np.ndarray, ref: np.ndarray, spacing, surface: bool 
         "dice": None if p + r == 0 else 2.0 * inter / (p + r),
         "voe": None if p + r == 0 else 1.0 - inter / (p + r - inter),
         "rvd": None if r == 0 else (p - r) / r,
-        "assd": None, "hd95": None,
-        "pred_voxels": p, "ref_voxels": r, "intersection": inter,
-        "pred_ml": p * voxel_ml, "ref_ml": r * voxel_ml, "note": note,
+        "assd": None,
+        "hd95": None,
+        "pred_voxels": p,
+        "ref_voxels": r,
+        "intersection": inter,
+        "pred_ml": p * voxel_ml,
+        "ref_ml": r * voxel_ml,
+        "note": note,
     }
     if surface and p and r:
         a, b = surface_distances(pred, ref, spacing)
@@ -99,8 +104,12 @@ def structure_metrics(pred: np.ndarray, ref: np.ndarray, spacing, surface: bool 
 def case_metrics(pred_labels: np.ndarray, ref_labels: np.ndarray, spacing, surface: bool = True) -> dict:
     """Liver and tumour metrics of one case (label arrays on the same grid)."""
     if pred_labels.shape != ref_labels.shape:
-        raise ValueError(f"prediction shape {pred_labels.shape} != reference shape {ref_labels.shape}; they must share a grid")
-    return {name: structure_metrics(sel(pred_labels), sel(ref_labels), spacing, surface) for name, sel in STRUCTURES.items()}
+        raise ValueError(
+            f"prediction shape {pred_labels.shape} != reference shape {ref_labels.shape}; they must share a grid"
+        )
+    return {
+        name: structure_metrics(sel(pred_labels), sel(ref_labels), spacing, surface) for name, sel in STRUCTURES.items()
+    }
 
 
 def _mean(values) -> float | None:
@@ -133,9 +142,16 @@ def _fmt(v, digits: int = 4) -> str:
     return f"{v:.{digits}f}"
 
 
-_COLUMNS = [("liver", "dice", "Liver Dice", 4), ("tumor", "dice", "Tumour Dice", 4), ("liver", "voe", "Liver VOE", 4),
-            ("liver", "rvd", "Liver RVD", 4), ("liver", "assd", "Liver ASSD mm", 2), ("liver", "hd95", "Liver HD95 mm", 2),
-            ("tumor", "assd", "Tumour ASSD mm", 2), ("tumor", "hd95", "Tumour HD95 mm", 2)]
+_COLUMNS = [
+    ("liver", "dice", "Liver Dice", 4),
+    ("tumor", "dice", "Tumour Dice", 4),
+    ("liver", "voe", "Liver VOE", 4),
+    ("liver", "rvd", "Liver RVD", 4),
+    ("liver", "assd", "Liver ASSD mm", 2),
+    ("liver", "hd95", "Liver HD95 mm", 2),
+    ("tumor", "assd", "Tumour ASSD mm", 2),
+    ("tumor", "hd95", "Tumour HD95 mm", 2),
+]
 
 
 def _rows(per_case: dict[str, dict], summary: dict) -> tuple[list[str], list[list[str]]]:
@@ -146,7 +162,11 @@ def _rows(per_case: dict[str, dict], summary: dict) -> tuple[list[str], list[lis
         rows.append([name] + [_fmt(m[s][k], d) for s, k, _, d in _COLUMNS] + ["; ".join(notes)])
     key = {"dice": "dice_per_case_mean", "voe": "voe_mean", "rvd": "rvd_mean", "assd": "assd_mean", "hd95": "hd95_mean"}
     rows.append(["mean per case"] + [_fmt(summary[s][key[k]], d) for s, k, _, d in _COLUMNS] + [""])
-    rows.append(["global (pooled)"] + [_fmt(summary[s]["dice_global"], d) if k == "dice" else "" for s, k, _, d in _COLUMNS] + [""])
+    rows.append(
+        ["global (pooled)"]
+        + [_fmt(summary[s]["dice_global"], d) if k == "dice" else "" for s, k, _, d in _COLUMNS]
+        + [""]
+    )
     return header, rows
 
 
@@ -169,8 +189,9 @@ def markdown_table(per_case: dict[str, dict], summary: dict) -> str:
     return "\n".join(out)
 
 
-def paired_dice(base: dict[str, dict], other: dict[str, dict], structure: str = "tumor", resamples: int = 10000,
-                seed: int = 0) -> dict:
+def paired_dice(
+    base: dict[str, dict], other: dict[str, dict], structure: str = "tumor", resamples: int = 10000, seed: int = 0
+) -> dict:
     """Per-case Dice of ``other`` against ``base`` (per-case dicts as ``case_metrics`` gives
     them), paired on the cases whose reference holds the structure: the mean difference, a
     percentile-bootstrap 95 % interval of it over the cases, and on how many cases each is
@@ -198,10 +219,19 @@ def paired_dice(base: dict[str, dict], other: dict[str, dict], structure: str = 
     same = np.abs(d) < 5e-4
     empty = [n for n in common if not base[n][structure]["ref_voxels"]]
     return {
-        "structure": structure, "cases": names, "base": a.tolist(), "other": b.tolist(),
-        "mean_base": float(a.mean()), "mean_other": float(b.mean()), "mean_diff": float(d.mean()),
-        "ci95": [float(lo), float(hi)], "better": int((~same & (d > 0)).sum()), "worse": int((~same & (d < 0)).sum()),
-        "same": int(same.sum()), "cases_without": len(empty),
+        "structure": structure,
+        "cases": names,
+        "base": a.tolist(),
+        "other": b.tolist(),
+        "mean_base": float(a.mean()),
+        "mean_other": float(b.mean()),
+        "mean_diff": float(d.mean()),
+        "ci95": [float(lo), float(hi)],
+        "better": int((~same & (d > 0)).sum()),
+        "worse": int((~same & (d < 0)).sum()),
+        "same": int(same.sum()),
+        "cases_without": len(empty),
         "false_positive_cases": [sum(bool(m[n][structure]["pred_voxels"]) for n in empty) for m in (base, other)],
-        "only_base": sorted(set(base) - set(other)), "only_other": sorted(set(other) - set(base)),
+        "only_base": sorted(set(base) - set(other)),
+        "only_other": sorted(set(other) - set(base)),
     }

@@ -30,8 +30,15 @@ def choose_backend(path: Path, backend: str = "auto") -> str:
     return "tensorrt" if path.suffix in (".plan", ".engine", ".trt") else "onnxruntime"
 
 
-def open_backend(path: str | Path, backend: str = "auto", provider: str = "auto", threads: int = 0, optimize: bool | None = None,
-                 cuda_graph: bool = False, streams: int = 0) -> Backend:
+def open_backend(
+    path: str | Path,
+    backend: str = "auto",
+    provider: str = "auto",
+    threads: int = 0,
+    optimize: bool | None = None,
+    cuda_graph: bool = False,
+    streams: int = 0,
+) -> Backend:
     """A backend (not yet activated) for a model file; TensorRT for plans, else ONNX Runtime."""
     p = Path(path)
     if not p.exists():
@@ -44,7 +51,9 @@ def open_backend(path: str | Path, backend: str = "auto", provider: str = "auto"
     if kind == "onnxruntime":
         from .backends.onnxrt import OnnxRuntimeBackend
 
-        return OnnxRuntimeBackend(p, provider=provider, threads=threads, optimize=True if optimize is None else optimize, streams=streams)
+        return OnnxRuntimeBackend(
+            p, provider=provider, threads=threads, optimize=True if optimize is None else optimize, streams=streams
+        )
     raise InputError(f"unknown backend {backend!r}; choose auto, onnxruntime or tensorrt")
 
 

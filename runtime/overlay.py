@@ -24,8 +24,12 @@ def png_bytes(rgb: np.ndarray) -> bytes:
     def chunk(tag: bytes, data: bytes) -> bytes:
         return struct.pack(">I", len(data)) + tag + data + struct.pack(">I", zlib.crc32(tag + data) & 0xFFFFFFFF)
 
-    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0))
-            + chunk(b"IDAT", zlib.compress(raw, 6)) + chunk(b"IEND", b""))
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0))
+        + chunk(b"IDAT", zlib.compress(raw, 6))
+        + chunk(b"IEND", b"")
+    )
 
 
 def write_png(path: str | Path, rgb: np.ndarray) -> Path:
@@ -41,7 +45,9 @@ def _outline(mask: np.ndarray) -> np.ndarray:
     return mask & ~binary_erosion(mask)
 
 
-def overlay(slice_hu: np.ndarray, labels: np.ndarray | None = None, window=(-200, 250), ref_labels: np.ndarray | None = None) -> np.ndarray:
+def overlay(
+    slice_hu: np.ndarray, labels: np.ndarray | None = None, window=(-200, 250), ref_labels: np.ndarray | None = None
+) -> np.ndarray:
     """A canonical slice in HU as radiological-view RGB with label outlines."""
     lo, hi = window
     grey = (np.clip((slice_hu.astype(np.float32) - lo) / (hi - lo), 0, 1) * 255).astype(np.uint8)
@@ -71,7 +77,9 @@ def representative_slices(labels: np.ndarray, n: int = 3) -> list[int]:
     return out[:n]
 
 
-def overlay_panel(volume_hu: np.ndarray, labels: np.ndarray, path: str | Path, n: int = 3, ref: np.ndarray | None = None) -> Path:
+def overlay_panel(
+    volume_hu: np.ndarray, labels: np.ndarray, path: str | Path, n: int = 3, ref: np.ndarray | None = None
+) -> Path:
     """Representative canonical slices side by side with outlines (prediction and optional reference)."""
     picks = representative_slices(ref if ref is not None else labels, n)
     tiles = [overlay(volume_hu[k], labels[k], ref_labels=None if ref is None else ref[k]) for k in picks]

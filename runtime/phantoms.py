@@ -55,7 +55,9 @@ def _waves(rng: np.random.Generator, g: _Grid, n: int, amp: float, wavelength=(6
     for _ in range(n):
         k = rng.normal(size=3)
         k *= 2 * np.pi / rng.uniform(*wavelength) / np.linalg.norm(k)
-        field = field + np.float32(amp / n) * np.sin(k[0] * g.z + k[1] * g.y + k[2] * g.x + rng.uniform(0, 2 * np.pi)).astype(np.float32)
+        field = field + np.float32(amp / n) * np.sin(
+            k[0] * g.z + k[1] * g.y + k[2] * g.x + rng.uniform(0, 2 * np.pi)
+        ).astype(np.float32)
     return field
 
 
@@ -69,8 +71,14 @@ def _sub(g: _Grid, sl: slice) -> _Grid:
     return _Grid(z=g.z[sl], y=g.y, x=g.x)
 
 
-def _canonical_case(rng: np.random.Generator, n: int, spacing: float, slices: int, thickness: float,
-                    fat_rng: np.random.Generator | None = None):
+def _canonical_case(
+    rng: np.random.Generator,
+    n: int,
+    spacing: float,
+    slices: int,
+    thickness: float,
+    fat_rng: np.random.Generator | None = None,
+):
     """(hu, labels) on the canonical (z, y, x) grid; with ``fat_rng``, perihepatic fat too."""
     f32 = np.float32
     top = rng.uniform(10, 50)  # mm above the liver dome (z = 0); z increases superiorly
@@ -183,8 +191,14 @@ def _canonical_case(rng: np.random.Generator, n: int, spacing: float, slices: in
     return np.clip(np.rint(hu), -1024, 3071).astype(np.int16), labels
 
 
-def _perihepatic_fat(rng: np.random.Generator, g: _Grid, hu: np.ndarray, liver: np.ndarray, free: np.ndarray,
-                     sampling: tuple[float, float, float]) -> None:
+def _perihepatic_fat(
+    rng: np.random.Generator,
+    g: _Grid,
+    hu: np.ndarray,
+    liver: np.ndarray,
+    free: np.ndarray,
+    sampling: tuple[float, float, float],
+) -> None:
     """Fat (about -100 HU) 0-8 mm thick over part of the liver surface, where bowel touches it.
 
     Without it the liver lies directly against 15-40 HU bowel, the HU of a hypodense lesion, so
@@ -227,8 +241,9 @@ def _to_layout(arr: np.ndarray, ras_affine: np.ndarray, layout: str):
     return np.ascontiguousarray(data), aff
 
 
-def make_phantom(seed: int, index: int, size: int | None = None, slices: int | None = None,
-                 perihepatic_fat: bool = False) -> Phantom:
+def make_phantom(
+    seed: int, index: int, size: int | None = None, slices: int | None = None, perihepatic_fat: bool = False
+) -> Phantom:
     """One synthetic CT case, deterministic in (seed, index).
 
     ``size`` overrides the in-plane size and ``slices`` the slice count; the physical field
@@ -280,8 +295,15 @@ def phantom_images(ph: Phantom) -> tuple[nib.Nifti1Image, nib.Nifti1Image]:
 
 
 def write_phantoms(
-    out_dir: str | Path, cases: int, seed: int, start: int = 0, size: int | None = None,
-    slices: int | None = None, preview: bool = False, progress: bool = True, perihepatic_fat: bool = False,
+    out_dir: str | Path,
+    cases: int,
+    seed: int,
+    start: int = 0,
+    size: int | None = None,
+    slices: int | None = None,
+    preview: bool = False,
+    progress: bool = True,
+    perihepatic_fat: bool = False,
 ) -> list[Path]:
     """Write cases start..start+cases-1 as volume-K.nii.gz / segmentation-K.nii.gz (LiTS layout)."""
     from tqdm import tqdm
@@ -289,7 +311,9 @@ def write_phantoms(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     written = []
-    for k in tqdm(range(start, start + cases), desc="phantoms", unit="case", disable=not (progress and sys.stderr.isatty())):
+    for k in tqdm(
+        range(start, start + cases), desc="phantoms", unit="case", disable=not (progress and sys.stderr.isatty())
+    ):
         ph = make_phantom(seed, k, size=size, slices=slices, perihepatic_fat=perihepatic_fat)
         img, seg = phantom_images(ph)
         write_nifti(img, out / f"volume-{k}.nii.gz")
@@ -298,6 +322,10 @@ def write_phantoms(
             from .io import read_labels, read_volume
             from .overlay import overlay_panel
 
-            overlay_panel(read_volume(out / f"volume-{k}.nii.gz").data, read_labels(out / f"segmentation-{k}.nii.gz").data, out / f"volume-{k}.png")
+            overlay_panel(
+                read_volume(out / f"volume-{k}.nii.gz").data,
+                read_labels(out / f"segmentation-{k}.nii.gz").data,
+                out / f"volume-{k}.png",
+            )
         written.append(out / f"volume-{k}.nii.gz")
     return written

@@ -56,10 +56,19 @@ class _Timer:
 
 
 def segment_canonical(
-    volume: np.ndarray, spacing: tuple[float, float, float], spec: ModelSpec, infer: Callable[[np.ndarray], np.ndarray] | None,
-    batch_size: int, timings: Timings | None = None, progress: Callable[[int], None] | None = None, queue_depth: int = 3,
-    backend=None, probabilities: np.ndarray | None = None, arrival: Arrival | None = None,
-    out: np.ndarray | None = None, on_final: Callable[[int, int], None] | None = None,
+    volume: np.ndarray,
+    spacing: tuple[float, float, float],
+    spec: ModelSpec,
+    infer: Callable[[np.ndarray], np.ndarray] | None,
+    batch_size: int,
+    timings: Timings | None = None,
+    progress: Callable[[int], None] | None = None,
+    queue_depth: int = 3,
+    backend=None,
+    probabilities: np.ndarray | None = None,
+    arrival: Arrival | None = None,
+    out: np.ndarray | None = None,
+    on_final: Callable[[int, int], None] | None = None,
 ) -> np.ndarray:
     """Canonical HU volume -> uint8 labels on the same grid, preprocessing in a producer thread.
 
@@ -107,9 +116,9 @@ def segment_canonical(
 
     def place(start: int, count: int, logits: np.ndarray) -> None:
         with _Timer(t, "postprocess"):
-            out[start:start + count] = logits_to_labels(logits, grid, spec.io.activation)
+            out[start : start + count] = logits_to_labels(logits, grid, spec.io.activation)
             if probabilities is not None:
-                probabilities[:, start:start + count] = logits_to_probabilities(logits, grid, spec.io.activation)
+                probabilities[:, start : start + count] = logits_to_probabilities(logits, grid, spec.io.activation)
         if on_final:
             with _Timer(t, "postprocess"):
                 on_final(start, start + count)
@@ -161,7 +170,9 @@ def segment_canonical(
     return out
 
 
-def read_ahead(paths: Iterable[Path], reader: Callable[..., Volume] | None = None) -> Iterator[tuple[Path, Future, Future]]:
+def read_ahead(
+    paths: Iterable[Path], reader: Callable[..., Volume] | None = None
+) -> Iterator[tuple[Path, Future, Future]]:
     """Yield (path, opened, done) with the next volume already being read in a thread.
 
     ``opened`` gives the volume as soon as it can be used, maybe while its slices still

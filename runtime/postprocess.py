@@ -66,8 +66,12 @@ class StreamingComponents:
     def __init__(self, labels: np.ndarray, chunk: int = 16):
         self.labels, self.chunk = labels, max(1, chunk)
         self._free = np.zeros(labels.shape[0], bool)  # final slices not yet in a labelled run
-        self._runs: list[tuple[int, int, tuple[slice, slice], np.ndarray, np.ndarray]] = []  # z0, z1, box, labels, sizes
-        self._seams: list[tuple[int, int, np.ndarray]] = []  # lower run, upper run, touching (lower, upper) local labels
+        self._runs: list[
+            tuple[int, int, tuple[slice, slice], np.ndarray, np.ndarray]
+        ] = []  # z0, z1, box, labels, sizes
+        self._seams: list[
+            tuple[int, int, np.ndarray]
+        ] = []  # lower run, upper run, touching (lower, upper) local labels
         self._structure = ndimage.generate_binary_structure(3, 1)
 
     def add(self, start: int, stop: int) -> None:
@@ -132,11 +136,14 @@ class StreamingComponents:
         totals = np.bincount(roots[1:], weights=sizes[1:], minlength=len(parent))
         best = int(np.argmax(totals))  # of equal sizes, the smallest root: the first in raster order
         for r, o in zip(runs, offsets):
-            keep = np.flatnonzero(roots[o + 1:o + len(r[4])] == best) + 1
+            keep = np.flatnonzero(roots[o + 1 : o + len(r[4])] == best) + 1
             if not len(keep):
                 continue
-            dst = out[r[0] - box[0].start:r[1] - box[0].start, r[2][0].start - box[1].start:r[2][0].stop - box[1].start,
-                      r[2][1].start - box[2].start:r[2][1].stop - box[2].start]
+            dst = out[
+                r[0] - box[0].start : r[1] - box[0].start,
+                r[2][0].start - box[1].start : r[2][0].stop - box[1].start,
+                r[2][1].start - box[2].start : r[2][1].stop - box[2].start,
+            ]
             if len(keep) == 1:
                 np.equal(r[3], keep[0], out=dst)
             else:
@@ -152,8 +159,16 @@ def _touching(a: tuple, b: tuple) -> np.ndarray:
     cols = slice(max(a[2][1].start, b[2][1].start), min(a[2][1].stop, b[2][1].stop))
     if rows.stop <= rows.start or cols.stop <= cols.start:
         return np.zeros((0, 2), np.int64)
-    last = a[3][-1, rows.start - a[2][0].start:rows.stop - a[2][0].start, cols.start - a[2][1].start:cols.stop - a[2][1].start]
-    first = b[3][0, rows.start - b[2][0].start:rows.stop - b[2][0].start, cols.start - b[2][1].start:cols.stop - b[2][1].start]
+    last = a[3][
+        -1,
+        rows.start - a[2][0].start : rows.stop - a[2][0].start,
+        cols.start - a[2][1].start : cols.stop - a[2][1].start,
+    ]
+    first = b[3][
+        0,
+        rows.start - b[2][0].start : rows.stop - b[2][0].start,
+        cols.start - b[2][1].start : cols.stop - b[2][1].start,
+    ]
     touch = (last > 0) & (first > 0)
     keys = np.unique(last[touch].astype(np.int64) * len(b[4]) + first[touch])
     return np.stack([keys // len(b[4]), keys % len(b[4])], 1)
@@ -193,8 +208,13 @@ def drop_small_tumours(labels: np.ndarray, min_voxels: int) -> np.ndarray:
     return labels
 
 
-def postprocess(labels: np.ndarray, keep_largest: bool = True, holes: bool = False, inplace: bool = False,
-                components: StreamingComponents | None = None) -> np.ndarray:
+def postprocess(
+    labels: np.ndarray,
+    keep_largest: bool = True,
+    holes: bool = False,
+    inplace: bool = False,
+    components: StreamingComponents | None = None,
+) -> np.ndarray:
     """Largest connected liver region (label >= 1); tumour only inside it; optional hole filling.
 
     Works inside the bounding box of the foreground: outside it everything is background, and
@@ -232,5 +252,10 @@ def volume_stats(labels: np.ndarray, spacing) -> dict:
     tumor_ml = float(np.count_nonzero(tumour)) * voxel_ml
     tbox = bounding_box(tumour) if tumour.size else None
     count = 0 if tbox is None else int(ndimage.label(tumour[tbox])[1])
-    return {"liver_ml": liver_ml, "tumor_ml": tumor_ml, "tumor_count": count,
-            "tumor_burden": tumor_ml / liver_ml if liver_ml else 0.0, "voxel_ml": voxel_ml}
+    return {
+        "liver_ml": liver_ml,
+        "tumor_ml": tumor_ml,
+        "tumor_count": count,
+        "tumor_burden": tumor_ml / liver_ml if liver_ml else 0.0,
+        "voxel_ml": voxel_ml,
+    }

@@ -210,7 +210,12 @@ def to_model_grid(slices_hu: np.ndarray, grid: SliceGrid, pre: Preprocess) -> np
     """
     lo, hi = pre.window
     dt = slices_hu.dtype
-    if dt.kind in "iu" and float(lo).is_integer() and float(hi).is_integer() and np.iinfo(dt).min <= lo <= hi <= np.iinfo(dt).max:
+    if (
+        dt.kind in "iu"
+        and float(lo).is_integer()
+        and float(hi).is_integer()
+        and np.iinfo(dt).min <= lo <= hi <= np.iinfo(dt).max
+    ):
         x = np.clip(slices_hu, int(lo), int(hi))  # the usual int16 CT: clipped in half the bytes
     else:
         x = np.clip(slices_hu, np.float32(lo), np.float32(hi), dtype=np.float32)
@@ -227,7 +232,11 @@ def context_indices(indices: np.ndarray, num_slices: int, k: int) -> np.ndarray:
 
 
 def make_batch(
-    volume: np.ndarray, spacing: tuple[float, float, float], pre: Preprocess, start: int, stop: int,
+    volume: np.ndarray,
+    spacing: tuple[float, float, float],
+    pre: Preprocess,
+    start: int,
+    stop: int,
     grid: SliceGrid | None = None,
 ) -> np.ndarray:
     """Model input (n, 2k+1, model_rows, model_cols) for canonical slices [start, stop).
@@ -248,8 +257,9 @@ class SliceBatcher:
     identical to make_batch's, in any order of requests.
     """
 
-    def __init__(self, volume: np.ndarray, spacing: tuple[float, float, float], pre: Preprocess,
-                 grid: SliceGrid | None = None):
+    def __init__(
+        self, volume: np.ndarray, spacing: tuple[float, float, float], pre: Preprocess, grid: SliceGrid | None = None
+    ):
         self.volume, self.pre = volume, pre
         self.grid = grid or slice_grid(volume.shape[1:], spacing[1:], pre)
         self._lo = 0
@@ -260,18 +270,19 @@ class SliceBatcher:
         lo, hi = max(0, start - k), min(n_slices, stop + k)
         have_lo, have_hi = self._lo, self._lo + len(self._prepped)
         if have_lo <= lo < have_hi:  # moving up the volume
-            reuse = self._prepped[lo - have_lo:min(hi, have_hi) - have_lo]
+            reuse = self._prepped[lo - have_lo : min(hi, have_hi) - have_lo]
             rest = to_model_grid(self.volume[have_hi:hi], self.grid, self.pre) if hi > have_hi else reuse[:0]
             prepped = np.concatenate([reuse, rest]) if len(rest) else reuse
         elif lo < have_lo < hi <= have_hi:  # moving down
-            prepped = np.concatenate([to_model_grid(self.volume[lo:have_lo], self.grid, self.pre),
-                                      self._prepped[:hi - have_lo]])
+            prepped = np.concatenate(
+                [to_model_grid(self.volume[lo:have_lo], self.grid, self.pre), self._prepped[: hi - have_lo]]
+            )
         else:
             prepped = to_model_grid(self.volume[lo:hi], self.grid, self.pre)
         self._lo, self._prepped = lo, prepped
         idx = context_indices(np.arange(start, stop), n_slices, k) - lo
         if len(idx) == 1 and idx[0, -1] - idx[0, 0] == 2 * k:  # one slice off the edges: its context is a run of
-            return prepped[idx[0, 0]:idx[0, -1] + 1][None]  # contiguous slices, a view (prepped is never written)
+            return prepped[idx[0, 0] : idx[0, -1] + 1][None]  # contiguous slices, a view (prepped is never written)
         return prepped[idx]
 
 

@@ -34,7 +34,19 @@ def run_main(cli, args, capsys, prog: str = "seg-run") -> tuple[int, str]:
     return code, out.out + out.err
 
 
-TINY = dict(base_width=8, amp="off", size=64, spacing_mm=6.0, crop=0, batch_size=8, workers=0, val_cases=1, warmup_epochs=0, bn_slices=32, cache_volumes=8)
+TINY = dict(
+    base_width=8,
+    amp="off",
+    size=64,
+    spacing_mm=6.0,
+    crop=0,
+    batch_size=8,
+    workers=0,
+    val_cases=1,
+    warmup_epochs=0,
+    bn_slices=32,
+    cache_volumes=8,
+)
 
 
 @pytest.fixture(scope="session")

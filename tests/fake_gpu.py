@@ -108,6 +108,7 @@ class Device:
     def record(self, event: list, handle: int) -> None:
         def op():
             event[0] = self.clock_ms
+
         self.enqueue(handle, op)
 
     def idle(self) -> bool:
@@ -209,9 +210,19 @@ def fake_cudart(device: Device, fail: dict[str, int] | None = None) -> types.Mod
     host: dict[int, ctypes.Array] = {}
     graphs: dict[int, list] = {}
 
-    no_result = {"cudaFree", "cudaFreeHost", "cudaStreamDestroy", "cudaMemcpyAsync", "cudaStreamSynchronize",
-                 "cudaEventRecord", "cudaEventDestroy", "cudaStreamBeginCapture", "cudaGraphDestroy",
-                 "cudaGraphExecDestroy", "cudaGraphLaunch"}  # these return (err,) alone
+    no_result = {
+        "cudaFree",
+        "cudaFreeHost",
+        "cudaStreamDestroy",
+        "cudaMemcpyAsync",
+        "cudaStreamSynchronize",
+        "cudaEventRecord",
+        "cudaEventDestroy",
+        "cudaStreamBeginCapture",
+        "cudaGraphDestroy",
+        "cudaGraphExecDestroy",
+        "cudaGraphLaunch",
+    }  # these return (err,) alone
 
     def call(fn):
         def wrapped(*args):
@@ -219,6 +230,7 @@ def fake_cudart(device: Device, fail: dict[str, int] | None = None) -> types.Mod
                 return (fail[fn.__name__],) if fn.__name__ in no_result else (fail[fn.__name__], None)
             out = fn(*args)
             return (0,) if fn.__name__ in no_result else (0, out)
+
         setattr(rt, fn.__name__, wrapped)
         return wrapped
 
@@ -228,12 +240,18 @@ def fake_cudart(device: Device, fail: dict[str, int] | None = None) -> types.Mod
 
     @call
     def cudaGetErrorString(err):
-        return {2: b"out of memory", 35: b"CUDA driver version is insufficient for CUDA runtime version"}.get(int(err), b"unknown error")
+        return {2: b"out of memory", 35: b"CUDA driver version is insufficient for CUDA runtime version"}.get(
+            int(err), b"unknown error"
+        )
 
     @call
     def cudaGetDeviceProperties(index):
-        return types.SimpleNamespace(name=DEVICE.name.encode() + b"\0" * 200, major=DEVICE.compute_capability[0],
-                                     minor=DEVICE.compute_capability[1], totalGlobalMem=DEVICE.total_memory)
+        return types.SimpleNamespace(
+            name=DEVICE.name.encode() + b"\0" * 200,
+            major=DEVICE.compute_capability[0],
+            minor=DEVICE.compute_capability[1],
+            totalGlobalMem=DEVICE.total_memory,
+        )
 
     @call
     def cudaMalloc(nbytes):
@@ -360,6 +378,7 @@ class _Context:
             x = np.frombuffer(ctypes.string_at(d_in, int(np.prod(shape)) * 4), np.float32).reshape(shape)
             y = np.ascontiguousarray(e.session.run(None, {e.input: x})[0], np.float32)
             dev.copy(d_out, y.ctypes.data, y.nbytes)
+
         dev.enqueue(stream_handle, op)
         self.ran.add(shape)
         return True
@@ -443,7 +462,11 @@ def fake_pycuda_driver(device: Device) -> types.ModuleType:
     drv.init = lambda: None
     drv.Error, drv.Device, drv.Stream, drv.Event = Error, Device_, Stream, Event
     drv.mem_alloc = DeviceAllocation
-    drv.pagelocked_empty, drv.memcpy_htod_async, drv.memcpy_dtoh_async = pagelocked_empty, memcpy_htod_async, memcpy_dtoh_async
+    drv.pagelocked_empty, drv.memcpy_htod_async, drv.memcpy_dtoh_async = (
+        pagelocked_empty,
+        memcpy_htod_async,
+        memcpy_dtoh_async,
+    )
     drv.contexts = contexts
     return drv
 
@@ -460,7 +483,7 @@ class _Engine:
     def __init__(self, plan: bytes, device: Device | None):
         import onnxruntime as ort
 
-        head, onnx_bytes = plan[len(PLAN_MAGIC):].split(b"\n", 1)
+        head, onnx_bytes = plan[len(PLAN_MAGIC) :].split(b"\n", 1)
         self.session = ort.InferenceSession(onnx_bytes, providers=["CPUExecutionProvider"])
         i, o = self.session.get_inputs()[0], self.session.get_outputs()[0]
         self.input, self.output = i.name, o.name

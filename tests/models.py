@@ -10,12 +10,20 @@ from runtime.spec import METADATA_KEY, ModelSpec, Preprocess
 
 
 def threshold_spec(size: int = 64, spacing: float = 6.0) -> ModelSpec:
-    return ModelSpec(preprocess=Preprocess(size=(size, size), spacing_mm=spacing, context=0),
-                     model={"in_channels": 1, "classes": 3}).validate()
+    return ModelSpec(
+        preprocess=Preprocess(size=(size, size), spacing_mm=spacing, context=0), model={"in_channels": 1, "classes": 3}
+    ).validate()
 
 
-def threshold_model(path: Path, spec: ModelSpec | None = None, level: float = 0.55, spec_json: str | None = None,
-                    out_channels: int = 3, in_hw: tuple[int, int] | None = None, tumour_level: float | None = None) -> Path:
+def threshold_model(
+    path: Path,
+    spec: ModelSpec | None = None,
+    level: float = 0.55,
+    spec_json: str | None = None,
+    out_channels: int = 3,
+    in_hw: tuple[int, int] | None = None,
+    tumour_level: float | None = None,
+) -> Path:
     """A 1x1 Conv: liver logit = 20 * (x - level), background 0, tumour -10. Liver where the
     windowed intensity exceeds ``level`` (HU > -200 + level * 450 with the default window).
     With ``tumour_level`` the tumour logit is 40 * (x - tumour_level): tumour where x exceeds
@@ -35,7 +43,8 @@ def threshold_model(path: Path, spec: ModelSpec | None = None, level: float = 0.
         if tumour_level is not None:
             weight[2, c // 2], bias[2] = 40.0, -40.0 * tumour_level
     graph = helper.make_graph(
-        [helper.make_node("Conv", ["slices", "W", "B"], ["logits"])], "threshold",
+        [helper.make_node("Conv", ["slices", "W", "B"], ["logits"])],
+        "threshold",
         [helper.make_tensor_value_info("slices", TensorProto.FLOAT, ["batch", c, h, w])],
         [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", out_channels, h, w])],
         [numpy_helper.from_array(weight, "W"), numpy_helper.from_array(bias, "B")],

@@ -29,7 +29,9 @@ PLAN = b"\x00plan bytes\x01" * 10
 
 
 def sidecar(version="10.3.0", device=ORIN, plan=PLAN):
-    return make_sidecar(threshold_spec(), "ab" * 32, plan, version, device, (1, 8, 16), {"optimization_level": 3}, 123456)
+    return make_sidecar(
+        threshold_spec(), "ab" * 32, plan, version, device, (1, 8, 16), {"optimization_level": 3}, 123456
+    )
 
 
 def test_versions_are_compared_as_integers():
@@ -137,14 +139,17 @@ def test_onnxruntime_backend_lifecycle(tmp_path):
     assert not be.is_active
 
 
-@pytest.mark.parametrize("streams, threads, cores, planned", [
-    (0, 0, 2, (2, 1)),  # the default on 2 cores: two batches at once, one thread each
-    (0, 0, 1, (1, 0)),  # one core: one batch at a time, ONNX Runtime's own thread count
-    (0, 0, 16, (2, 8)),
-    (0, 6, 16, (2, 3)),  # --threads is the total, shared by the streams
-    (3, 2, 2, (3, 1)),  # never fewer than one thread a stream
-    (1, 4, 16, (1, 4)),
-])
+@pytest.mark.parametrize(
+    "streams, threads, cores, planned",
+    [
+        (0, 0, 2, (2, 1)),  # the default on 2 cores: two batches at once, one thread each
+        (0, 0, 1, (1, 0)),  # one core: one batch at a time, ONNX Runtime's own thread count
+        (0, 0, 16, (2, 8)),
+        (0, 6, 16, (2, 3)),  # --threads is the total, shared by the streams
+        (3, 2, 2, (3, 1)),  # never fewer than one thread a stream
+        (1, 4, 16, (1, 4)),
+    ],
+)
 def test_cpu_streams_share_the_threads(streams, threads, cores, planned):
     from runtime.backends.onnxrt import plan_streams
 

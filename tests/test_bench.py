@@ -31,7 +31,9 @@ def test_percentiles_on_known_samples():
         percentile([], 50)
 
 
-@pytest.mark.parametrize("cfg", [dict(base_width=4, depth=2, bilinear=False), dict(base_width=8, depth=3, bilinear=False)])
+@pytest.mark.parametrize(
+    "cfg", [dict(base_width=4, depth=2, bilinear=False), dict(base_width=8, depth=3, bilinear=False)]
+)
 def test_onnx_flop_count_matches_the_model_formula(cfg, tmp_path):
     torch = pytest.importorskip("torch")
     onnx = pytest.importorskip("onnx")
@@ -43,8 +45,15 @@ def test_onnx_flop_count_matches_the_model_formula(cfg, tmp_path):
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        torch.onnx.export(UNet(**full).eval(), (torch.zeros(1, 3, 64, 64),), str(tmp_path / "m.onnx"), dynamo=False,
-                          input_names=["slices"], output_names=["logits"], dynamic_axes={"slices": {0: "b"}, "logits": {0: "b"}})
+        torch.onnx.export(
+            UNet(**full).eval(),
+            (torch.zeros(1, 3, 64, 64),),
+            str(tmp_path / "m.onnx"),
+            dynamo=False,
+            input_names=["slices"],
+            output_names=["logits"],
+            dynamic_axes={"slices": {0: "b"}, "logits": {0: "b"}},
+        )
     m = onnx.load(str(tmp_path / "m.onnx"))
     assert conv_flops(m) == count_flops(full, 64, 64)
     assert conv_flops(m, batch=4) == 4 * count_flops(full, 64, 64)
@@ -57,15 +66,38 @@ def _png_size(path):
 
 
 LAT = {
-    "kind": "latency", "command": "seg-bench latency a.onnx", "matmul_peak_gflops": 100.0,
+    "kind": "latency",
+    "command": "seg-bench latency a.onnx",
+    "matmul_peak_gflops": 100.0,
     "machine": {"cpu": "Test CPU", "cores": 2, "os": "x", "versions": {}},
     "results": [
-        {"model": "a.onnx", "backend": "onnxruntime", "precision": "fp32", "peak_rss_mb": 300.0, "gflop_per_slice": 6.0,
-         "describe": "onnxruntime (cpu, 2 streams of 1 thread), fp32",
-         "rows": [{"batch": b, "per_slice_ms": summarize([40.0 + b, 41.0 + b, 42.0 + b]),
-                   "batch_latency_ms": summarize([80.0 * b, 84.0 * b, 86.0 * b]), "throughput_slices_s": 1000 / (41 + b), "gflops": 6.0 / ((41 + b) / 1000)} for b in (1, 2, 4)],
-         "volumes": [{"volume": "v.nii.gz", "batch": 4, "slices": 100, "wall_s": summarize([5.0, 5.2, 5.1]),
-                      "stages_s": {"read": 0.3, "preprocess": 0.2, "infer": 4.4, "postprocess": 0.1, "write": 0.05}}]},
+        {
+            "model": "a.onnx",
+            "backend": "onnxruntime",
+            "precision": "fp32",
+            "peak_rss_mb": 300.0,
+            "gflop_per_slice": 6.0,
+            "describe": "onnxruntime (cpu, 2 streams of 1 thread), fp32",
+            "rows": [
+                {
+                    "batch": b,
+                    "per_slice_ms": summarize([40.0 + b, 41.0 + b, 42.0 + b]),
+                    "batch_latency_ms": summarize([80.0 * b, 84.0 * b, 86.0 * b]),
+                    "throughput_slices_s": 1000 / (41 + b),
+                    "gflops": 6.0 / ((41 + b) / 1000),
+                }
+                for b in (1, 2, 4)
+            ],
+            "volumes": [
+                {
+                    "volume": "v.nii.gz",
+                    "batch": 4,
+                    "slices": 100,
+                    "wall_s": summarize([5.0, 5.2, 5.1]),
+                    "stages_s": {"read": 0.3, "preprocess": 0.2, "infer": 4.4, "postprocess": 0.1, "write": 0.05},
+                }
+            ],
+        },
         {"model": "bad.onnx", "error": "InputError: bad.onnx: no such model file"},
     ],
 }
@@ -78,7 +110,10 @@ def test_latency_report_forms(tmp_path):
     assert len(table) == 3 + 1  # three batch rows and one volume row
     # samples 41, 42, 43 ms: median 42, p90 42.8 (linear interpolation); 6 GFLOP / 42 ms = 142.9 GFLOP/s = 143% of 100
     # batch latency: one batch alone (84 ms median at batch 1), beside the per-slice time with batches in flight
-    assert "| a.onnx (onnxruntime, fp32) | 1 | 42.00 | 42.80 | 42.90 | 42.98 | 41.00 | 43.00 | 84.00 | 23.8 | 142.9 | 143 |" in md
+    assert (
+        "| a.onnx (onnxruntime, fp32) | 1 | 42.00 | 42.80 | 42.90 | 42.98 | 41.00 | 43.00 | 84.00 | 23.8 | 142.9 | 143 |"
+        in md
+    )
     assert "- a.onnx: onnxruntime (cpu, 2 streams of 1 thread), fp32" in md
     # whole volume: 5.1 s median for 100 slices = 51 ms/slice; backend alone at batch 4: 100 x 45 ms = 4.5 s -> 1.13
     assert "| v.nii.gz | 100 | 4 | 5.10 | 51.0 | 0.30 | 0.20 | 4.40 | 0.10 | 0.05 | 1.13 | 300 |" in md
@@ -91,8 +126,20 @@ def test_latency_report_forms(tmp_path):
 
 def _case(dice_l, dice_t):
     def s(d):
-        return {"dice": d, "voe": None if d is None else 1 - d, "rvd": 0.0, "assd": 1.0, "hd95": 2.0, "pred_voxels": 10, "ref_voxels": 10,
-                "intersection": 0 if d is None else int(10 * d), "pred_ml": 1.0, "ref_ml": 1.0, "note": None}
+        return {
+            "dice": d,
+            "voe": None if d is None else 1 - d,
+            "rvd": 0.0,
+            "assd": 1.0,
+            "hd95": 2.0,
+            "pred_voxels": 10,
+            "ref_voxels": 10,
+            "intersection": 0 if d is None else int(10 * d),
+            "pred_ml": 1.0,
+            "ref_ml": 1.0,
+            "note": None,
+        }
+
     return {"liver": s(dice_l), "tumor": s(dice_t)}
 
 
@@ -101,12 +148,35 @@ def test_parity_report_forms(tmp_path):
 
     ref = {"c1": _case(0.96, 0.80), "c2": _case(0.95, None)}
     cand = {"c1": _case(0.955, 0.79), "c2": _case(0.90, None)}
-    rep = {"kind": "parity", "command": "x", "machine": {"cpu": "T", "cores": 2}, "max_dice_drop": 0.01,
-           "reference": {"model": "ref.onnx", "per_case": ref, "summary": msum(ref)},
-           "models": {"q.onnx": {"precision": "int8", "error": None, "summary": msum(cand), "pass": False, "agreement_mean": 0.999, "max_abs_logit_diff": 0.5,
-                                 "per_case": {k: {"metrics": v, "agreement": 0.999, "max_abs_logit_diff": 0.5, "dice_vs_reference": {"liver": 0.99, "tumor": None},
-                                                  "drop": {"liver": ref[k]["liver"]["dice"] - v["liver"]["dice"], "tumor": None}, "pass": k == "c1"} for k, v in cand.items()}}},
-           "bad_cases": []}
+    rep = {
+        "kind": "parity",
+        "command": "x",
+        "machine": {"cpu": "T", "cores": 2},
+        "max_dice_drop": 0.01,
+        "reference": {"model": "ref.onnx", "per_case": ref, "summary": msum(ref)},
+        "models": {
+            "q.onnx": {
+                "precision": "int8",
+                "error": None,
+                "summary": msum(cand),
+                "pass": False,
+                "agreement_mean": 0.999,
+                "max_abs_logit_diff": 0.5,
+                "per_case": {
+                    k: {
+                        "metrics": v,
+                        "agreement": 0.999,
+                        "max_abs_logit_diff": 0.5,
+                        "dice_vs_reference": {"liver": 0.99, "tumor": None},
+                        "drop": {"liver": ref[k]["liver"]["dice"] - v["liver"]["dice"], "tumor": None},
+                        "pass": k == "c1",
+                    }
+                    for k, v in cand.items()
+                },
+            }
+        },
+        "bad_cases": [],
+    }
     md = parity_markdown(rep)
     assert "| q.onnx | int8 |" in md and "| FAIL |" in md
     assert "| c2 | 0.9000 | n/a | 0.0500 | n/a | 0.99900 | FAIL |" in md
@@ -142,11 +212,24 @@ def test_score_runs_on_masks_written_by_seg_run(tmp_path, capsys):
 
     write_phantoms(tmp_path / "data", 2, seed=5, size=64, slices=16, progress=False)
     model = threshold_model(tmp_path / "m.onnx")
-    code, out = run_main(run_cli_cmd, [tmp_path / "data" / "volume-0.nii.gz", tmp_path / "data" / "volume-1.nii.gz", "--model", model, "-o", tmp_path / "preds"], capsys)
+    code, out = run_main(
+        run_cli_cmd,
+        [
+            tmp_path / "data" / "volume-0.nii.gz",
+            tmp_path / "data" / "volume-1.nii.gz",
+            "--model",
+            model,
+            "-o",
+            tmp_path / "preds",
+        ],
+        capsys,
+    )
     assert code == 0, out
     for extra in (tmp_path / "preds").glob("*.json"):
         extra.unlink()
-    code, out = run_main(cli, ["score", tmp_path / "preds", tmp_path / "data", "-o", tmp_path / "rep"], capsys, "seg-bench")
+    code, out = run_main(
+        cli, ["score", tmp_path / "preds", tmp_path / "data", "-o", tmp_path / "rep"], capsys, "seg-bench"
+    )
     assert code == 0, out
     assert "volume-0" in out and "volume-1" in out and "global (pooled)" in out
     # seg-train compare pairs a deployed model's score with another by case
@@ -156,8 +239,12 @@ def test_score_runs_on_masks_written_by_seg_run(tmp_path, capsys):
     for m in score["per_case"].values():
         m["liver"]["dice"] /= 2
     (tmp_path / "worse.json").write_text(json.dumps(score))
-    code, out = run_main(train_cli, ["compare", tmp_path / "rep" / "score.json", tmp_path / "worse.json", "--structure", "liver"],
-                         capsys, "seg-train")
+    code, out = run_main(
+        train_cli,
+        ["compare", tmp_path / "rep" / "score.json", tmp_path / "worse.json", "--structure", "liver"],
+        capsys,
+        "seg-train",
+    )
     assert code == 0, out
     assert "better on 0, worse on 2" in out and "mean of 2" in out
 
@@ -184,8 +271,28 @@ def test_warmup_lasts_its_calls_and_its_seconds_before_timing():
 
 def test_train_step_layouts_learn_the_same_and_report_their_ratio(tmp_path, capsys):
     pytest.importorskip("torch")
-    code, out = run_main(cli, ["train-step", "--width", "4", "--depth", "2", "--batch", "2", "--crop", "32",
-                               "--repeats", "4", "--warmup", "1", "-o", tmp_path / "ts"], capsys, "seg-bench")
+    code, out = run_main(
+        cli,
+        [
+            "train-step",
+            "--width",
+            "4",
+            "--depth",
+            "2",
+            "--batch",
+            "2",
+            "--crop",
+            "32",
+            "--repeats",
+            "4",
+            "--warmup",
+            "1",
+            "-o",
+            tmp_path / "ts",
+        ],
+        capsys,
+        "seg-bench",
+    )
     assert code == 0, out
     rep = json.loads((tmp_path / "ts" / "train_step.json").read_text())
     assert rep["kind"] == "train-step" and {r["layout"] for r in rep["rows"]} == {"contiguous", "channels_last"}
@@ -200,7 +307,8 @@ def test_train_step_layouts_learn_the_same_and_report_their_ratio(tmp_path, caps
 
 def test_train_step_rejects_a_crop_the_unet_cannot_take(tmp_path, capsys):
     pytest.importorskip("torch")
-    code, out = run_main(cli, ["train-step", "--width", "4", "--depth", "3", "--crop", "60", "-o", tmp_path / "ts"],
-                         capsys, "seg-bench")
+    code, out = run_main(
+        cli, ["train-step", "--width", "4", "--depth", "3", "--crop", "60", "-o", tmp_path / "ts"], capsys, "seg-bench"
+    )
     assert code != 0 and "use 64x64" in out and "Traceback" not in out
     assert not (tmp_path / "ts").exists()

@@ -36,7 +36,12 @@ def test_images_of_a_dataset_folder_leave_out_its_label_maps(tmp_path):
         _pair(tmp_path, f"volume-{k}.nii.gz", f"segmentation-{k}.nii.gz")
     _pair(tmp_path, "segmentation-7.nii.gz", None)  # no volume-7: a CT that happens to be named so
     _pair(tmp_path, "patient.nii", None)
-    assert [p.name for p in images_in(tmp_path)] == ["patient.nii", "segmentation-7.nii.gz", "volume-2.nii.gz", "volume-10.nii.gz"]
+    assert [p.name for p in images_in(tmp_path)] == [
+        "patient.nii",
+        "segmentation-7.nii.gz",
+        "volume-2.nii.gz",
+        "volume-10.nii.gz",
+    ]
     dec = tmp_path / "msd"
     (dec / "imagesTr").mkdir(parents=True)
     (dec / "labelsTr").mkdir()
@@ -59,7 +64,12 @@ def test_every_bad_pair_is_reported_with_its_reason(tmp_path):
         load_dataset(tmp_path)
     msg = str(e.value)
     assert "4 bad case(s)" in msg
-    for needle in ("volume-1: volume-1.nii.gz has no label", "volume-2: label values", "volume-3: image shape", "volume-4: image and label affines differ"):
+    for needle in (
+        "volume-1: volume-1.nii.gz has no label",
+        "volume-2: label values",
+        "volume-3: image shape",
+        "volume-4: image and label affines differ",
+    ):
         assert needle in msg
 
 

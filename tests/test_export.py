@@ -57,15 +57,27 @@ def test_fp16_graph_keeps_float32_io_and_segments_like_fp32(fp32, tiny_data, tmp
 
 def test_int8_tensorrt_graph_is_symmetric_per_channel_and_passes_the_gate(fp32, tiny_data, tmp_path):
     train_cases, heldout = load_dataset(tiny_data / "train"), load_dataset(tiny_data / "heldout")
-    path, parity = quantize(fp32[0], tmp_path / "m8.onnx", "int8", train_cases, heldout, "tensorrt", calib_slices=32, echo=lambda *a: None)
+    path, parity = quantize(
+        fp32[0], tmp_path / "m8.onnx", "int8", train_cases, heldout, "tensorrt", calib_slices=32, echo=lambda *a: None
+    )
     m = onnx.load(str(path))
     consts = {t.name: onnx.numpy_helper.to_array(t) for t in m.graph.initializer}
-    zps = [consts[n.input[2]] for n in m.graph.node if n.op_type in ("QuantizeLinear", "DequantizeLinear") and len(n.input) > 2]
+    zps = [
+        consts[n.input[2]]
+        for n in m.graph.node
+        if n.op_type in ("QuantizeLinear", "DequantizeLinear") and len(n.input) > 2
+    ]
     assert zps and all(z.dtype == np.int8 and not z.any() for z in zps)
-    weight_dq = [n for n in m.graph.node if n.op_type == "DequantizeLinear" and n.input[0] in consts and consts[n.input[1]].size > 1]
+    weight_dq = [
+        n
+        for n in m.graph.node
+        if n.op_type == "DequantizeLinear" and n.input[0] in consts and consts[n.input[1]].size > 1
+    ]
     assert weight_dq and all(next(a.i for a in n.attribute if a.name == "axis") == 0 for n in weight_dq)
     spec = ModelSpec.from_json(next(p.value for p in m.metadata_props if p.key == METADATA_KEY))
-    assert spec.precision == "int8" and spec.calibration["target"] == "tensorrt" and len(spec.calibration["sha256"]) == 64
+    assert (
+        spec.precision == "int8" and spec.calibration["target"] == "tensorrt" and len(spec.calibration["sha256"]) == 64
+    )
     head = next(n for n in m.graph.node if n.output[0] == m.graph.output[0].name)
     stem = next(n for n in m.graph.node if n.op_type == "Conv" and m.graph.input[0].name in n.input)
     for conv in (head, stem):  # the first and the output convolution stay float
@@ -77,11 +89,25 @@ def test_int8_tensorrt_graph_is_symmetric_per_channel_and_passes_the_gate(fp32, 
 
 def test_int8_cpu_graph_uses_reduce_range_weights_with_zero_offsets(fp32, tiny_data, tmp_path):
     train_cases, heldout = load_dataset(tiny_data / "train"), load_dataset(tiny_data / "heldout")
-    path, _ = quantize(fp32[0], tmp_path / "m8c.onnx", "int8", train_cases, heldout, "cpu", calib_slices=32, max_drop=0.05, echo=lambda *a: None)
+    path, _ = quantize(
+        fp32[0],
+        tmp_path / "m8c.onnx",
+        "int8",
+        train_cases,
+        heldout,
+        "cpu",
+        calib_slices=32,
+        max_drop=0.05,
+        echo=lambda *a: None,
+    )
     m = onnx.load(str(path))
     assert check_qdq(m, "cpu")["qdq_nodes"] > 0
     consts = {t.name: onnx.numpy_helper.to_array(t) for t in m.graph.initializer}
-    weights = [consts[n.input[0]] for n in m.graph.node if n.op_type == "DequantizeLinear" and n.input[0] in consts and consts[n.input[0]].dtype == np.int8]
+    weights = [
+        consts[n.input[0]]
+        for n in m.graph.node
+        if n.op_type == "DequantizeLinear" and n.input[0] in consts and consts[n.input[0]].dtype == np.int8
+    ]
     assert weights and max(int(np.abs(w).max()) for w in weights) <= 64  # 7-bit (reduce_range) weights
     # the whole body is int8: no float upsampling, and pooling, concatenation and
     # depth-to-space read quantized tensors; only the float first convolution keeps its Relu
@@ -125,7 +151,15 @@ def test_the_gate_refuses_a_badly_calibrated_model(fp32, tiny_data, tmp_path):
         write_nifti(nib.Nifti1Image(np.full(ph.hu.shape, -1000, np.int16), ph.affine), bad / f"volume-{k}.nii.gz")
         write_nifti(seg, bad / f"segmentation-{k}.nii.gz")
     with pytest.raises(GateFailure, match="not written"):
-        quantize(fp32[0], tmp_path / "bad.onnx", "int8", load_dataset(bad), load_dataset(tiny_data / "heldout"), "tensorrt", echo=lambda *a: None)
+        quantize(
+            fp32[0],
+            tmp_path / "bad.onnx",
+            "int8",
+            load_dataset(bad),
+            load_dataset(tiny_data / "heldout"),
+            "tensorrt",
+            echo=lambda *a: None,
+        )
     assert not (tmp_path / "bad.onnx").exists()
 
 
@@ -143,8 +177,13 @@ def test_checker_rejects_asymmetric_and_activation_per_channel_qdq():
         helper.make_node("DequantizeLinear", ["w", "ws", "wz"], ["wd"], name="wdq", axis=0),
         helper.make_node("Conv", ["xd", "wd"], ["y"]),
     ]
-    g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 1, 4, 4])],
-                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 2, 4, 4])], [w, ws, wz, xs, xz])
+    g = helper.make_graph(
+        nodes,
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 1, 4, 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 2, 4, 4])],
+        [w, ws, wz, xs, xz],
+    )
     with pytest.raises(SegError) as e:
         check_qdq(helper.make_model(g), "tensorrt")
     msg = str(e.value)
@@ -157,17 +196,51 @@ def test_bad_inputs_are_one_line(tmp_path, tiny_data, fp32, capsys):
     assert code == 2 and ("not a readable checkpoint" in out or "only seg-train checkpoints are accepted" in out)
     assert len(out.strip().splitlines()) == 1
     nospec = threshold_model(tmp_path / "nospec.onnx", spec_json=False)
-    code, out = run_main(cli, ["quantize", nospec, "--precision", "fp16", "--eval-data", tiny_data / "heldout", "-o", tmp_path / "y.onnx"], capsys, "seg-export")
+    code, out = run_main(
+        cli,
+        ["quantize", nospec, "--precision", "fp16", "--eval-data", tiny_data / "heldout", "-o", tmp_path / "y.onnx"],
+        capsys,
+        "seg-export",
+    )
     assert code == 2 and "carries no spec" in out
     wrong = threshold_model(tmp_path / "wrong.onnx", in_hw=(32, 32))
-    code, out = run_main(cli, ["quantize", wrong, "--precision", "fp16", "--eval-data", tiny_data / "heldout", "-o", tmp_path / "y.onnx"], capsys, "seg-export")
+    code, out = run_main(
+        cli,
+        ["quantize", wrong, "--precision", "fp16", "--eval-data", tiny_data / "heldout", "-o", tmp_path / "y.onnx"],
+        capsys,
+        "seg-export",
+    )
     assert code == 2 and "input layout does not match its spec" in out
     (tmp_path / "empty").mkdir()
-    code, out = run_main(cli, ["quantize", fp32[0], "--precision", "int8", "--calib", tmp_path / "empty", "-o", tmp_path / "y.onnx"], capsys, "seg-export")
+    code, out = run_main(
+        cli,
+        ["quantize", fp32[0], "--precision", "int8", "--calib", tmp_path / "empty", "-o", tmp_path / "y.onnx"],
+        capsys,
+        "seg-export",
+    )
     assert code == 2 and "no labelled cases" in out
-    code, out = run_main(cli, ["quantize", fp32[0], "--precision", "fp16", "--eval-data", tiny_data / "heldout", "-o", tmp_path / "missing" / "y.onnx"], capsys, "seg-export")
+    code, out = run_main(
+        cli,
+        [
+            "quantize",
+            fp32[0],
+            "--precision",
+            "fp16",
+            "--eval-data",
+            tiny_data / "heldout",
+            "-o",
+            tmp_path / "missing" / "y.onnx",
+        ],
+        capsys,
+        "seg-export",
+    )
     assert code == 2 and "does not exist" in out
-    code, out = run_main(cli, ["build-engine", fp32[0], "-o", tmp_path / "m.plan", "--min-batch", "4", "--opt-batch", "2"], capsys, "seg-export")
+    code, out = run_main(
+        cli,
+        ["build-engine", fp32[0], "-o", tmp_path / "m.plan", "--min-batch", "4", "--opt-batch", "2"],
+        capsys,
+        "seg-export",
+    )
     assert code == 2 and "1 <= min <= opt <= max" in out
     assert not any(tmp_path.glob("y.onnx")) and not any(tmp_path.glob("*.plan"))
 

@@ -113,7 +113,9 @@ def test_float_volume_with_nan_is_refused(tmp_path, ras_volume):
         read_volume(save_nifti(tmp_path / "v.nii.gz", data, RAS_AFFINE))
 
 
-@pytest.mark.parametrize("shape, match", [((20, 30), "2 dimensions"), ((8, 8, 8, 3), "4 dimensions.*split"), ((8, 8, 1), "single slice")])
+@pytest.mark.parametrize(
+    "shape, match", [((20, 30), "2 dimensions"), ((8, 8, 8, 3), "4 dimensions.*split"), ((8, 8, 1), "single slice")]
+)
 def test_wrong_dimensionality_is_refused(tmp_path, shape, match):
     with pytest.raises(InputError, match=match):
         read_volume(save_nifti(tmp_path / "v.nii.gz", np.zeros(shape, np.int16), np.eye(4)))
@@ -200,20 +202,24 @@ def test_scaled_files_are_left_to_nibabel(tmp_path, ras_volume):
     path = tmp_path / "scaled.nii.gz"
     nib.save(img, str(path))
     assert rio._read_gz_isal(nib.load(str(path)), path) is None
-    assert np.array_equal(read_volume(path).data, np.asanyarray(nib.load(str(path)).dataobj).astype(np.float32).transpose(2, 1, 0))
+    assert np.array_equal(
+        read_volume(path).data, np.asanyarray(nib.load(str(path)).dataobj).astype(np.float32).transpose(2, 1, 0)
+    )
 
 
 def test_corrupt_compressed_voxels_give_one_line(tmp_path, ras_volume):
     full = bytearray(save_nifti(tmp_path / "full.nii.gz", ras_volume, RAS_AFFINE).read_bytes())
     mid = len(full) // 2
-    full[mid:mid + 64] = bytes(64)  # zeroed bytes inside the deflate stream
+    full[mid : mid + 64] = bytes(64)  # zeroed bytes inside the deflate stream
     (tmp_path / "bad.nii.gz").write_bytes(bytes(full))
     with pytest.raises(InputError, match="corrupt or truncated|cannot be read"):
         read_volume(tmp_path / "bad.nii.gz")
 
 
-@pytest.mark.parametrize("kind, streams, from_end", [("RAS", True, False), ("LPS", True, False), ("flipped-z", True, True),
-                                                     ("permuted", False, None)])
+@pytest.mark.parametrize(
+    "kind, streams, from_end",
+    [("RAS", True, False), ("LPS", True, False), ("flipped-z", True, True), ("permuted", False, None)],
+)
 def test_streamed_read_hands_over_the_volume_before_its_voxels(tmp_path, ras_volume, kind, streams, from_end):
     """Files whose stored slices are axial are handed over at once and fill in slice by slice,
     from the end of the canonical stack the file starts with; the result is the plain read."""

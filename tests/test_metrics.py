@@ -56,7 +56,9 @@ def test_empty_cases_are_reported_not_crashed_or_silently_one():
     assert assd(empty, full, (1, 1, 1)) is None and hd95(full, empty, (1, 1, 1)) is None
 
 
-@pytest.mark.parametrize("axis, spacing, expected", [(0, (3.0, 1.0, 1.0), 6.0), (1, (3.0, 0.5, 1.0), 1.0), (2, (1.0, 1.0, 2.5), 5.0)])
+@pytest.mark.parametrize(
+    "axis, spacing, expected", [(0, (3.0, 1.0, 1.0), 6.0), (1, (3.0, 0.5, 1.0), 1.0), (2, (1.0, 1.0, 2.5), 5.0)]
+)
 def test_surface_distance_in_millimetres_on_anisotropic_grids(axis, spacing, expected):
     """Two single voxels 2 voxels apart along one axis: every distance is 2 x that axis' spacing."""
     a = np.zeros((7, 7, 7), bool)
@@ -98,7 +100,9 @@ def test_bounding_box_shortcut_equals_the_whole_volume(rng):
     b = np.zeros((20, 30, 30), bool)
     a[5:12, 8:20, 6:18] = rng.random((7, 12, 12)) > 0.3
     b[6:14, 10:22, 7:19] = rng.random((8, 12, 12)) > 0.3
-    for crop_a, crop_b in zip(surface_distances(a, b, (2.0, 0.7, 0.9), crop=True), surface_distances(a, b, (2.0, 0.7, 0.9), crop=False)):
+    for crop_a, crop_b in zip(
+        surface_distances(a, b, (2.0, 0.7, 0.9), crop=True), surface_distances(a, b, (2.0, 0.7, 0.9), crop=False)
+    ):
         np.testing.assert_allclose(np.sort(crop_a), np.sort(crop_b))
 
 
@@ -116,7 +120,7 @@ def test_liver_counts_tumour_voxels_and_global_dice_pools_cases():
         pr = np.zeros((1, 1, 200), np.uint8)
         rf = np.zeros((1, 1, 200), np.uint8)
         pr[0, 0, :p] = 1
-        rf[0, 0, p - o: p - o + r] = 1
+        rf[0, 0, p - o : p - o + r] = 1
         return case_metrics(pr, rf, (1, 1, 1), surface=False)
 
     per_case = {"a": case(2, 2, 2), "b": case(10, 90, 10)}
@@ -139,11 +143,15 @@ def test_tables_show_every_case_and_the_summary_rows():
 
 def _cases(tumour_dice: dict[str, float | None], fp: tuple[str, ...] = ()) -> dict[str, dict]:
     """Per-case metrics as case_metrics gives them, for the fields paired_dice reads; None = no tumour in the reference."""
+
     def one(d, name):
         ref = 0 if d is None else 100
         pred = 7 if name in fp else (0 if d is None else 90)
-        return {"liver": {"dice": 0.95, "ref_voxels": 1000, "pred_voxels": 990},
-                "tumor": {"dice": (0.0 if pred else None) if d is None else d, "ref_voxels": ref, "pred_voxels": pred}}
+        return {
+            "liver": {"dice": 0.95, "ref_voxels": 1000, "pred_voxels": 990},
+            "tumor": {"dice": (0.0 if pred else None) if d is None else d, "ref_voxels": ref, "pred_voxels": pred},
+        }
+
     return {n: one(d, n) for n, d in tumour_dice.items()}
 
 
@@ -154,7 +162,9 @@ def test_paired_dice_tells_a_consistent_gain_from_case_noise():
     assert r["mean_diff"] == pytest.approx((0.1 + 0.1 + 0.08 - 0.02 + 0.12 + 0.1) / 6)
     assert (r["better"], r["worse"], r["same"]) == (5, 1, 0)
     assert 0 < r["ci95"][0] < r["mean_diff"] < r["ci95"][1]
-    noise = _cases({"a": 0.8, "b": 0.3, "c": 0.95, "d": 0.55, "e": 0.7, "f": 0.4})  # a similar mean, case by case at random
+    noise = _cases(
+        {"a": 0.8, "b": 0.3, "c": 0.95, "d": 0.55, "e": 0.7, "f": 0.4}
+    )  # a similar mean, case by case at random
     lo, hi = paired_dice(base, noise)["ci95"]
     assert lo < 0 < hi
     assert paired_dice(base, base)["same"] == 6 and paired_dice(base, base)["ci95"] == [0.0, 0.0]
@@ -164,7 +174,9 @@ def test_paired_dice_counts_tumour_free_cases_as_false_positives_and_checks_the_
     base = _cases({"a": 0.5, "b": 0.6, "clean": None, "x": 0.7})
     other = _cases({"a": 0.6, "b": 0.6, "clean": None, "y": 0.1}, fp=("clean",))
     r = paired_dice(base, other)
-    assert r["cases"] == ["a", "b"] and r["mean_other"] == pytest.approx(0.6)  # the false positive's Dice 0 is not paired
+    assert r["cases"] == ["a", "b"] and r["mean_other"] == pytest.approx(
+        0.6
+    )  # the false positive's Dice 0 is not paired
     assert r["cases_without"] == 1 and r["false_positive_cases"] == [0, 1]
     assert r["only_base"] == ["x"] and r["only_other"] == ["y"]
     relabelled = _cases({"a": 0.6, "b": 0.6})

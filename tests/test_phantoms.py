@@ -18,7 +18,10 @@ SMALL = dict(size=64, slices=20)
 def test_same_seed_same_bytes_different_seed_differs(tmp_path):
     runner = CliRunner()
     for name, seed in (("a", 0), ("b", 0), ("c", 1)):
-        r = runner.invoke(cli, ["phantoms", str(tmp_path / name), "--cases", "2", "--seed", str(seed), "--size", "64", "--slices", "16"])
+        r = runner.invoke(
+            cli,
+            ["phantoms", str(tmp_path / name), "--cases", "2", "--seed", str(seed), "--size", "64", "--slices", "16"],
+        )
         assert r.exit_code == 0, r.output
     for f in ("volume-0.nii.gz", "segmentation-0.nii.gz", "volume-1.nii.gz", "segmentation-1.nii.gz"):
         assert (tmp_path / "a" / f).read_bytes() == (tmp_path / "b" / f).read_bytes()

@@ -34,8 +34,10 @@ def test_window_clips_and_scales_to_unit_range():
     np.testing.assert_allclose(x, [0, 0, 0.5, 1, 1], atol=1e-6)
 
 
-@pytest.mark.parametrize("shape, spacing, window_hu", [((3, 300, 500), (0.7, 0.9), (-200.0, 250.0)),
-                                                    ((2, 90, 70), (1.0, 1.2), (-150.5, 200.25))])
+@pytest.mark.parametrize(
+    "shape, spacing, window_hu",
+    [((3, 300, 500), (0.7, 0.9), (-200.0, 250.0)), ((2, 90, 70), (1.0, 1.2), (-150.5, 200.25))],
+)
 def test_model_grid_input_is_the_resampled_window(shape, spacing, window_hu):
     """Shift and scale are applied after resampling, weighted by coverage: the result is still
     the window resampled, padding included (both scans are narrower than the 384 mm model grid)."""
@@ -55,7 +57,7 @@ def test_interp_matrix_identity_and_partition_of_unity():
     np.testing.assert_allclose(m.sum(axis=1)[inside], 1.0, atol=1e-5)
     assert not inside[0] and not inside[-1]  # padding rows are all zero
     # padding is symmetric: the model grid is centred on the input's centre
-    assert inside.sum() in (46, 47) and inside[: 32].sum() == inside[32:].sum()
+    assert inside.sum() in (46, 47) and inside[:32].sum() == inside[32:].sum()
 
 
 def test_upsampling_reproduces_linear_functions_exactly():
@@ -107,9 +109,13 @@ def test_batches_equal_the_whole_volume_and_are_deterministic(rng):
     np.testing.assert_array_equal(whole, preprocess_volume(vol.copy(), (3.0, 1.1, 1.3), pre))
     for size in (1, 2, 4):  # the batcher carries neighbours over between batches: same batches
         batcher = SliceBatcher(vol, (3.0, 1.1, 1.3), pre)
-        np.testing.assert_array_equal(whole, np.concatenate([batcher(s, min(s + size, 11)) for s in range(0, 11, size)]))
+        np.testing.assert_array_equal(
+            whole, np.concatenate([batcher(s, min(s + size, 11)) for s in range(0, 11, size)])
+        )
         down = SliceBatcher(vol, (3.0, 1.1, 1.3), pre)  # walking down the volume, as a head-first file streams in
-        np.testing.assert_array_equal(whole, np.concatenate([down(s, min(s + size, 11)) for s in reversed(range(0, 11, size))][::-1]))
+        np.testing.assert_array_equal(
+            whole, np.concatenate([down(s, min(s + size, 11)) for s in reversed(range(0, 11, size))][::-1])
+        )
     batcher = SliceBatcher(vol, (3.0, 1.1, 1.3), Preprocess(size=(32, 48), spacing_mm=2.0, context=2))
     for s in (5, 6, 0, 9, 10, 3):  # out of order, too
         got = batcher(s, s + 1)
@@ -157,7 +163,10 @@ def test_sigmoid_outputs_threshold_at_zero_logit():
     assert back[:7].all() and not back[9:].any()
 
 
-@pytest.mark.parametrize("grid", [(512, 0.7, 256, 1.5), (256, 1.5, 512, 0.7), (100, 3.0, 256, 1.5), (256, 1.5, 100, 3.0), (300, 0.8, 64, 6.0)])
+@pytest.mark.parametrize(
+    "grid",
+    [(512, 0.7, 256, 1.5), (256, 1.5, 512, 0.7), (100, 3.0, 256, 1.5), (256, 1.5, 100, 3.0), (300, 0.8, 64, 6.0)],
+)
 def test_banded_application_equals_the_matrix_product(grid, rng):
     """The matrices are the definition; the fast banded gathers must compute exactly them."""
     from runtime.preprocess import Band, resample
@@ -171,8 +180,15 @@ def test_banded_application_equals_the_matrix_product(grid, rng):
     np.testing.assert_allclose(g.forward(x), resample(x, g.rows_fwd, g.cols_fwd), atol=1e-5)
 
 
-@pytest.mark.parametrize("shape,spacing,mode", [((512, 448), 0.8, "spacing"), ((128, 140), 3.0, "spacing"),
-                                                ((300, 300), 1.0, "resize"), ((64, 64), 10.0, "spacing")])
+@pytest.mark.parametrize(
+    "shape,spacing,mode",
+    [
+        ((512, 448), 0.8, "spacing"),
+        ((128, 140), 3.0, "spacing"),
+        ((300, 300), 1.0, "resize"),
+        ((64, 64), 10.0, "spacing"),
+    ],
+)
 @pytest.mark.parametrize("activation", ["softmax", "sigmoid"])
 def test_windowed_inverse_gives_the_same_labels_as_resampling_everything(shape, spacing, mode, activation):
     """logits_to_labels resamples only around foreground; it must equal the full computation."""

@@ -75,7 +75,9 @@ def test_streaming_pipeline_equals_simple_batches(tmp_path, model, streams):
         assert be.in_flight == streams
         streamed = segment_canonical(vol.data, vol.spacing, be.spec, None, 3, backend=be)
         grid = slice_grid(vol.data.shape[1:], vol.spacing[1:], be.spec.preprocess)
-        simple = logits_to_labels(be.infer(make_batch(vol.data, vol.spacing, be.spec.preprocess, 0, vol.num_slices, grid)), grid)
+        simple = logits_to_labels(
+            be.infer(make_batch(vol.data, vol.spacing, be.spec.preprocess, 0, vol.num_slices, grid)), grid
+        )
     np.testing.assert_array_equal(streamed, simple)
 
 
@@ -192,7 +194,9 @@ def test_probability_maps_have_the_input_geometry_and_agree_with_the_mask(tmp_pa
     b = write_case(tmp_path / "b.nii.gz", layout_flip=True)
     r = run(b, "--model", model, "-o", tmp_path / "out", "--no-postprocess", "--probabilities")
     assert r.exit_code == 0, r.output
-    prob_img, mask_img, src = (nib.load(str(p)) for p in (tmp_path / "out" / "b_prob.nii.gz", tmp_path / "out" / "b_seg.nii.gz", b))
+    prob_img, mask_img, src = (
+        nib.load(str(p)) for p in (tmp_path / "out" / "b_prob.nii.gz", tmp_path / "out" / "b_seg.nii.gz", b)
+    )
     assert prob_img.shape == (*src.shape, 3) and np.allclose(prob_img.affine, src.affine)
     prob, mask = prob_img.get_fdata(), np.asanyarray(mask_img.dataobj)
     assert prob.min() >= 0 and prob.max() <= 1.0 + 1e-6
@@ -214,9 +218,14 @@ def test_batch_with_bad_files_reports_each_and_writes_the_good_ones(tmp_path, mo
     save_nifti(d / "nan.nii.gz", nan, np.eye(4))
     code, err = run_main(cli, [d, tmp_path / "missing.nii.gz", "--model", model, "-o", tmp_path / "out"], capsys)
     assert code == 1
-    for needle in ("truncated.nii.gz: voxel data is corrupt or truncated", "garbage.nii.gz: cannot be read as NIfTI",
-                   "flat.nii.gz: image has 2 dimensions", "nan.nii.gz: 1 voxels are NaN", "missing.nii.gz: no such file",
-                   "5 of 6 volume(s) failed"):
+    for needle in (
+        "truncated.nii.gz: voxel data is corrupt or truncated",
+        "garbage.nii.gz: cannot be read as NIfTI",
+        "flat.nii.gz: image has 2 dimensions",
+        "nan.nii.gz: 1 voxels are NaN",
+        "missing.nii.gz: no such file",
+        "5 of 6 volume(s) failed",
+    ):
         assert needle in err, err
     assert "Traceback" not in err
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["good.json", "good_seg.nii.gz"]
@@ -256,8 +265,11 @@ def test_model_problems_are_one_line(tmp_path, capsys):
     case = write_case(tmp_path / "c.nii.gz")
     nospec = threshold_model(tmp_path / "nospec.onnx", spec_json=False)
     wrong = threshold_model(tmp_path / "wrong.onnx", in_hw=(32, 32))
-    for model, needle in ((nospec, "carries no spec"), (wrong, "input layout does not match its spec: input C,H,W = 1,32,32 (spec: 1,64,64)"),
-                          (tmp_path / "none.onnx", "no such model file")):
+    for model, needle in (
+        (nospec, "carries no spec"),
+        (wrong, "input layout does not match its spec: input C,H,W = 1,32,32 (spec: 1,64,64)"),
+        (tmp_path / "none.onnx", "no such model file"),
+    ):
         code, out = run_main(cli, [case, "--model", model, "-o", tmp_path / "o"], capsys)
         assert code == 2 and needle in out and len(out.strip().splitlines()) == 1, out
     with pytest.raises(SpecError):  # --debug shows the real exception and its traceback
@@ -273,7 +285,9 @@ def test_refuses_to_overwrite_its_input(tmp_path, model):
     # an input named like another input's mask in the same directory is caught
     write_case(out / "y.nii.gz")
     (out / "y_seg.nii.gz").write_bytes(src.read_bytes())
-    r = CliRunner().invoke(cli, [str(out / "y_seg.nii.gz"), str(out / "y.nii.gz"), "--model", str(model), "-o", str(out)])
+    r = CliRunner().invoke(
+        cli, [str(out / "y_seg.nii.gz"), str(out / "y.nii.gz"), "--model", str(model), "-o", str(out)]
+    )
     assert r.exit_code == 0  # y_seg is a distinct input; y's mask replaces the copy atomically
 
 
@@ -303,7 +317,10 @@ def test_a_failing_write_leaves_no_mask_and_no_temporary_file(tmp_path, model, m
 
 def test_demo_uses_the_embedded_or_configured_model(tmp_path, model, monkeypatch):
     monkeypatch.setenv("UNET_EDGE_DEMO_MODEL", str(model))
-    monkeypatch.setattr("runtime.phantoms.make_phantom", lambda seed, index, size=None, slices=None: make_phantom(seed, index, size=64, slices=16))
+    monkeypatch.setattr(
+        "runtime.phantoms.make_phantom",
+        lambda seed, index, size=None, slices=None: make_phantom(seed, index, size=64, slices=16),
+    )
     r = CliRunner().invoke(cli, ["--demo", "-o", str(tmp_path / "demo")])
     assert r.exit_code == 0, r.output
     assert "Dice vs ground truth: liver" in r.output and "synthetic CT phantoms only" in r.output
@@ -339,6 +356,8 @@ def test_a_streamed_volume_gets_the_mask_of_a_fully_read_one(tmp_path, model, he
 
 def test_cuda_graph_with_an_onnx_model_says_it_is_ignored(tmp_path, model, capsys):
     write_case(tmp_path / "a.nii.gz")
-    code, text = run_main(cli, [tmp_path / "a.nii.gz", "--model", model, "-o", tmp_path / "out", "--cuda-graph"], capsys)
+    code, text = run_main(
+        cli, [tmp_path / "a.nii.gz", "--model", model, "-o", tmp_path / "out", "--cuda-graph"], capsys
+    )
     assert code == 0 and "--cuda-graph applies to TensorRT plans only; ignored" in text
     assert (tmp_path / "out" / "a_seg.nii.gz").is_file()

@@ -7,7 +7,9 @@ from runtime.spec import SCHEMA_VERSION, ModelSpec, Preprocess
 
 
 def demo_spec(**kw):
-    return ModelSpec(model=dict(in_channels=3, classes=3, base_width=16, depth=4, norm="batch", bilinear=False), **kw).validate()
+    return ModelSpec(
+        model=dict(in_channels=3, classes=3, base_width=16, depth=4, norm="batch", bilinear=False), **kw
+    ).validate()
 
 
 def test_round_trip_json_preserves_every_field():
@@ -52,4 +54,6 @@ def test_not_json_is_a_spec_error():
 
 def test_channels_follow_context():
     assert Preprocess(context=2).channels == 5
-    assert ModelSpec(io=ModelSpec().io.__class__(activation="sigmoid"), classes=("background", "liver")).out_channels == 1
+    assert (
+        ModelSpec(io=ModelSpec().io.__class__(activation="sigmoid"), classes=("background", "liver")).out_channels == 1
+    )

@@ -39,7 +39,9 @@ def write_plan(tmp_path, profile):
     onnx_path = threshold_model(tmp_path / "m.onnx", spec, tumour_level=0.6)
     plan = tmp_path / "m.plan"
     plan.write_bytes(fake_plan_bytes(onnx_path.read_bytes(), profile))
-    side = make_sidecar(spec, file_sha256(onnx_path), plan.read_bytes(), VERSION, DEVICE, profile, {"optimization_level": 3}, 1 << 20)
+    side = make_sidecar(
+        spec, file_sha256(onnx_path), plan.read_bytes(), VERSION, DEVICE, profile, {"optimization_level": 3}, 1 << 20
+    )
     sidecar_path(plan).write_text(json.dumps(side))
     return plan, onnx_path
 
@@ -130,10 +132,17 @@ def test_the_cuda_python_interface_moves_the_right_bytes(cudart, tmp_path, graph
     assert dev.idle() and not rt.host  # device, pinned host memory, streams and graphs all released
 
 
-@pytest.mark.parametrize("call, code, message", [
-    ("cudaGetDeviceCount", 35, "cannot use the GPU: no NVIDIA driver could be loaded (cudaGetDeviceCount returned 35)"),
-    ("cudaMalloc", 2, "cudaMalloc failed: out of memory (2)"),
-])
+@pytest.mark.parametrize(
+    "call, code, message",
+    [
+        (
+            "cudaGetDeviceCount",
+            35,
+            "cannot use the GPU: no NVIDIA driver could be loaded (cudaGetDeviceCount returned 35)",
+        ),
+        ("cudaMalloc", 2, "cudaMalloc failed: out of memory (2)"),
+    ],
+)
 def test_a_failing_cuda_call_is_one_error_naming_it(cudart, tmp_path, call, code, message):
     from runtime.backends.cuda import CudaError
 
@@ -201,9 +210,13 @@ def test_seg_run_on_a_plan_writes_the_masks_onnxruntime_writes(fake_plan, tmp_pa
         # stored RAS, so slices are read bottom up: batches of 4, 4, 4, 4, 2 on slots A, B, A, B, A;
         # the next volume's second batch of 4 is the first on slot A after its partial batch
         hu, _, (sz, sy, sx) = canonical(make_phantom(5, k, size=64, slices=18))
-        save_nifti(tmp_path / "in" / f"case{k}.nii.gz", np.ascontiguousarray(hu.transpose(2, 1, 0)), np.diag([sx, sy, sz, 1.0]))
+        save_nifti(
+            tmp_path / "in" / f"case{k}.nii.gz", np.ascontiguousarray(hu.transpose(2, 1, 0)), np.diag([sx, sy, sz, 1.0])
+        )
     for model, out in ((onnx_path, "ort"), (plan, "trt")):
-        code, text = run_main(cli, [tmp_path / "in", "--model", model, "-o", tmp_path / out, "--batch-size", 4, "--cuda-graph"], capsys)
+        code, text = run_main(
+            cli, [tmp_path / "in", "--model", model, "-o", tmp_path / out, "--batch-size", 4, "--cuda-graph"], capsys
+        )
         assert code == 0, text
     assert cuda.dev.launches > 0
     for k in range(2):
@@ -223,7 +236,10 @@ def test_seg_run_refuses_a_batch_above_the_plans_profile_before_any_volume(fake_
     vol = save_nifti(tmp_path / "v.nii.gz", np.zeros((64, 64, 18), np.int16), np.diag([6.0, 6.0, 5.0, 1.0]))
     code, text = run_main(cli, [vol, "--model", plan, "-o", tmp_path / "out", "--batch-size", 16], capsys)
     assert code != 0 and "Traceback" not in text
-    assert "--batch-size 16 is above m.plan's max batch 8; use --batch-size 8 or less, or rebuild the plan with --max-batch 16" in text
+    assert (
+        "--batch-size 16 is above m.plan's max batch 8; use --batch-size 8 or less, or rebuild the plan with --max-batch 16"
+        in text
+    )
     assert not list(tmp_path.glob("out/*"))
 
 
@@ -235,7 +251,9 @@ def test_latency_suite_on_a_plan_reports_each_volume_runs_own_device_time(fake_p
     plan, _, _ = fake_plan
     hu, _, (sz, sy, sx) = canonical(make_phantom(5, 0, size=64, slices=18))
     vol = save_nifti(tmp_path / "v.nii.gz", np.ascontiguousarray(hu.transpose(2, 1, 0)), np.diag([sx, sy, sz, 1.0]))
-    out = measure_model(str(plan), [str(vol)], [1, 4, 16], "auto", 0, warmup=1, repeats=3, volume_repeats=2, vol_batch=4)
+    out = measure_model(
+        str(plan), [str(vol)], [1, 4, 16], "auto", 0, warmup=1, repeats=3, volume_repeats=2, vol_batch=4
+    )
     assert out["backend"] == "tensorrt" and [r["batch"] for r in out["rows"]] == [1, 4]  # 16 is outside the profile
     # one run of 18 slices is 5 batches; every copy and engine run takes 1 ms of fake device time
     assert out["volumes"][0]["device_ms"] == {"h2d": 5.0, "compute": 5.0, "d2h": 5.0}

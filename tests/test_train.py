@@ -67,7 +67,13 @@ def test_resume_continues_the_log_and_matches_an_uninterrupted_run(tiny_data, tm
     assert [r["epoch"] for r in read_log(tmp_path / "a" / "metrics.jsonl")] == [1, 2, 3]
     before = (tmp_path / "a" / "last.pt").read_bytes()
     with pytest.raises(InputError, match="was validated on volume-2; resume with the same --seed, --split-seed"):
-        fit(tiny_data / "train", tmp_path / "a", TrainConfig(**cfg, epochs=4, split_seed=1), resume=True, log=lambda *a: None)
+        fit(
+            tiny_data / "train",
+            tmp_path / "a",
+            TrainConfig(**cfg, epochs=4, split_seed=1),
+            resume=True,
+            log=lambda *a: None,
+        )
     assert (tmp_path / "a" / "last.pt").read_bytes() == before
     a, b = load_checkpoint(tmp_path / "a" / "last.pt"), load_checkpoint(tmp_path / "b" / "last.pt")
     assert a.extra["epoch"] == b.extra["epoch"] == 3
@@ -133,25 +139,38 @@ def test_bad_inputs_are_one_line_and_write_nothing(tmp_path, tiny_data, capsys):
     _one_line_error(*fit_cli(tiny_data / "train", tmp_path / "afile" / "run"), "cannot write the run directory")
     _one_line_error(*fit_cli(tiny_data / "train", tmp_path / "o6", "--resume"), "nothing to resume")
     (tmp_path / "cfg.json").write_text('{"epochs": 2, "widht": 4}')
-    _one_line_error(*fit_cli(tiny_data / "train", tmp_path / "o7", "--config", tmp_path / "cfg.json"), "unknown config keys")
+    _one_line_error(
+        *fit_cli(tiny_data / "train", tmp_path / "o7", "--config", tmp_path / "cfg.json"), "unknown config keys"
+    )
     # nothing was written for any of them (the unwritable case never got a directory)
     assert not any((tmp_path / f"o{i}").exists() for i in range(1, 8))
     (tmp_path / "bad.pt").write_bytes(b"PK\x03\x04 truncated zip")
-    _one_line_error(*run_main(cli, ["evaluate", tmp_path / "bad.pt", tiny_data / "heldout"], capsys, "seg-train"),
-                    "not a readable checkpoint")
+    _one_line_error(
+        *run_main(cli, ["evaluate", tmp_path / "bad.pt", tiny_data / "heldout"], capsys, "seg-train"),
+        "not a readable checkpoint",
+    )
     spec = TrainConfig(base_width=4, depth=2, size=32).spec({})
     save_checkpoint(tmp_path / "new.pt", UNet(**spec.model), spec)
     obj = torch.load(tmp_path / "new.pt", weights_only=True)
     obj["spec"] = obj["spec"].replace('"schema_version": 1', '"schema_version": 99')
     torch.save(obj, tmp_path / "new.pt")
-    _one_line_error(*run_main(cli, ["evaluate", tmp_path / "new.pt", tiny_data / "heldout", "--out", tmp_path / "m.json"],
-                              capsys, "seg-train"), "newer than this toolkit")
+    _one_line_error(
+        *run_main(
+            cli,
+            ["evaluate", tmp_path / "new.pt", tiny_data / "heldout", "--out", tmp_path / "m.json"],
+            capsys,
+            "seg-train",
+        ),
+        "newer than this toolkit",
+    )
     assert not (tmp_path / "m.json").exists()
 
 
 def test_cli_resume_with_more_epochs_continues_the_run(tiny_data, tmp_path, capsys):
     """--epochs 2, then --epochs 3 --resume: epochs 1, 2, 3 once each; --config keys, flags override."""
-    (tmp_path / "cfg.json").write_text(json.dumps({**TINY, "base_width": 4, "epochs": 9, "steps_per_epoch": 2, "bn_slices": 16}))
+    (tmp_path / "cfg.json").write_text(
+        json.dumps({**TINY, "base_width": 4, "epochs": 9, "steps_per_epoch": 2, "bn_slices": 16})
+    )
     args = ["fit", tiny_data / "train", "--out", tmp_path / "run", "--config", tmp_path / "cfg.json"]
     code, out = run_main(cli, [*args, "--epochs", "2"], capsys, "seg-train")
     assert code == 0, out
@@ -182,14 +201,20 @@ def test_checkpoint_from_a_newer_spec_version_is_refused(tmp_path):
 
 def test_evaluate_writes_per_case_and_global_json(tiny_run, tiny_data, tmp_path, capsys):
     out, _ = tiny_run
-    code, text = run_main(cli, ["evaluate", out / "best.pt", tiny_data / "heldout", "--out", tmp_path / "m.json"], capsys, "seg-train")
+    code, text = run_main(
+        cli, ["evaluate", out / "best.pt", tiny_data / "heldout", "--out", tmp_path / "m.json"], capsys, "seg-train"
+    )
     assert code == 0, text
     assert "global (pooled)" in text and "volume-50" in text
     m = json.loads((tmp_path / "m.json").read_text())
     assert set(m["per_case"]) == {"volume-50", "volume-51"}
     assert m["summary"]["liver"]["dice_global"] is not None
-    code, text = run_main(cli, ["evaluate", out / "best.pt", tiny_data / "heldout", "--out", tmp_path / "big.json",
-                                "--min-tumour-ml", "1e6"], capsys, "seg-train")
+    code, text = run_main(
+        cli,
+        ["evaluate", out / "best.pt", tiny_data / "heldout", "--out", tmp_path / "big.json", "--min-tumour-ml", "1e6"],
+        capsys,
+        "seg-train",
+    )
     big = json.loads((tmp_path / "big.json").read_text())
     assert code == 0 and big["min_tumour_ml"] == 1e6 and m["min_tumour_ml"] == 0
     for name, case in big["per_case"].items():  # every tumour component is under 1 L: all become liver
@@ -200,22 +225,32 @@ def test_evaluate_writes_per_case_and_global_json(tiny_run, tiny_data, tmp_path,
 def test_compare_pairs_evaluate_files_by_case(tiny_run, tiny_data, tmp_path, capsys):
     """seg-train compare reads what seg-train evaluate writes; a run that is better on every case shows it."""
     out, _ = tiny_run
-    code, text = run_main(cli, ["evaluate", out / "best.pt", tiny_data / "heldout", "--out", tmp_path / "a.json"], capsys, "seg-train")
+    code, text = run_main(
+        cli, ["evaluate", out / "best.pt", tiny_data / "heldout", "--out", tmp_path / "a.json"], capsys, "seg-train"
+    )
     assert code == 0, text
     a = json.loads((tmp_path / "a.json").read_text())
     for m in a["per_case"].values():
         m["liver"]["dice"] = (m["liver"]["dice"] + 1) / 2  # halfway to perfect on every case
     (tmp_path / "b.json").write_text(json.dumps(a))
-    code, text = run_main(cli, ["compare", tmp_path / "a.json", tmp_path / "b.json", "--structure", "liver",
-                                "--out", tmp_path / "c.json"], capsys, "seg-train")
+    code, text = run_main(
+        cli,
+        ["compare", tmp_path / "a.json", tmp_path / "b.json", "--structure", "liver", "--out", tmp_path / "c.json"],
+        capsys,
+        "seg-train",
+    )
     assert code == 0, text
     assert "better on 2, worse on 0" in text and "volume-50" in text and "mean of 2" in text
     c = json.loads((tmp_path / "c.json").read_text())["comparisons"][str(tmp_path / "b.json")]
     assert c["mean_diff"] > 0 and c["ci95"][0] > 0
     (tmp_path / "cfg.json").write_text('{"epochs": 2}')
-    _one_line_error(*run_main(cli, ["compare", tmp_path / "a.json", tmp_path / "cfg.json"], capsys, "seg-train"),
-                    "not a metrics file of seg-train evaluate")
-    _one_line_error(*run_main(cli, ["compare", tmp_path / "a.json", tmp_path / "gone.json"], capsys, "seg-train"), "no such file")
+    _one_line_error(
+        *run_main(cli, ["compare", tmp_path / "a.json", tmp_path / "cfg.json"], capsys, "seg-train"),
+        "not a metrics file of seg-train evaluate",
+    )
+    _one_line_error(
+        *run_main(cli, ["compare", tmp_path / "a.json", tmp_path / "gone.json"], capsys, "seg-train"), "no such file"
+    )
 
 
 def test_weight_ema_warms_up_then_averages():

@@ -51,8 +51,11 @@ def test_split_seed_keeps_the_split_when_the_seed_changes():
 
 def _index():
     liver = np.arange(10, 30)
-    return [CaseIndex("a", 40, liver, np.arange(15, 18)), CaseIndex("b", 40, liver, np.array([], int)),
-            CaseIndex("c", 40, np.array([], int), np.array([], int))]
+    return [
+        CaseIndex("a", 40, liver, np.arange(15, 18)),
+        CaseIndex("b", 40, liver, np.array([], int)),
+        CaseIndex("c", 40, np.array([], int), np.array([], int)),
+    ]
 
 
 def test_sampler_oversamples_and_gives_ranks_disjoint_shares():
@@ -215,12 +218,17 @@ def test_pixel_weights_of_one_change_nothing_and_boundary_weights_count_boundary
     y[:, 12:16, 20:24] = 2
     logits = torch.nn.functional.one_hot(y, 3).permute(0, 3, 1, 2).float() * 4
     cw = torch.tensor([1.0, 1.0, 2.0])
-    assert torch.allclose(loss_fn(logits, y, class_weight=cw), loss_fn(logits, y, class_weight=cw, pixel_weight=torch.ones(2, 32, 32)))
+    assert torch.allclose(
+        loss_fn(logits, y, class_weight=cw), loss_fn(logits, y, class_weight=cw, pixel_weight=torch.ones(2, 32, 32))
+    )
     edge_err, far_err = logits.clone(), logits.clone()
     edge_err[:, :, 12:16, 20:24] = logits[:, :, 12:16, 16:20]  # the lesion (all boundary) called liver
     far_err[:, :, 0:4, 0:4] = logits[:, :, 12:16, 16:20]  # the same number of background pixels far away called liver
     band = 1 + 4 * boundary_band(y, 2)
     plain = loss_fn(edge_err, y, dice_weight=0), loss_fn(far_err, y, dice_weight=0)
-    weighted = loss_fn(edge_err, y, dice_weight=0, pixel_weight=band), loss_fn(far_err, y, dice_weight=0, pixel_weight=band)
+    weighted = (
+        loss_fn(edge_err, y, dice_weight=0, pixel_weight=band),
+        loss_fn(far_err, y, dice_weight=0, pixel_weight=band),
+    )
     assert torch.isclose(plain[0], plain[1], rtol=0.05)
     assert weighted[0] > 2 * weighted[1]

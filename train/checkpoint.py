@@ -59,7 +59,9 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
     except (zipfile.BadZipFile, EOFError, RuntimeError, ValueError, OSError) as exc:
         raise InputError(f"{p}: not a readable checkpoint ({str(exc).splitlines()[0][:120]}); is it complete?") from exc
     except Exception as exc:  # weights_only refuses pickled objects: not one of ours
-        raise InputError(f"{p}: refused to load ({type(exc).__name__}); only seg-train checkpoints are accepted") from exc
+        raise InputError(
+            f"{p}: refused to load ({type(exc).__name__}); only seg-train checkpoints are accepted"
+        ) from exc
     if not isinstance(obj, dict) or obj.get("format") != FORMAT:
         raise InputError(f"{p}: not a seg-train checkpoint (no '{FORMAT}' marker)")
     spec = ModelSpec.from_json(obj["spec"])
@@ -68,5 +70,7 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
     try:
         build_model(spec).load_state_dict(ckpt.state_dict)
     except (RuntimeError, TypeError, ValueError) as exc:
-        raise InputError(f"{p}: weights do not match the model config in its spec ({str(exc).splitlines()[0][:120]})") from exc
+        raise InputError(
+            f"{p}: weights do not match the model config in its spec ({str(exc).splitlines()[0][:120]})"
+        ) from exc
     return ckpt

@@ -31,10 +31,22 @@ def cli() -> None:
 @click.option("--size", type=click.IntRange(32, 1024), default=None, help="In-plane size (default: varied, 256-512).")
 @click.option("--slices", type=click.IntRange(8, 1024), default=None, help="Slice count (default: varied).")
 @click.option("--preview/--no-preview", default=False, help="Also write a PNG of a mid-liver slice per case.")
-@click.option("--perihepatic-fat/--no-perihepatic-fat", default=False, show_default=True,
-              help="Put fat over part of the liver surface, as in real scans; otherwise the same cases.")
-def phantoms(out_dir: Path, cases: int, seed: int, start: int, size: int | None, slices: int | None, preview: bool,
-             perihepatic_fat: bool) -> None:
+@click.option(
+    "--perihepatic-fat/--no-perihepatic-fat",
+    default=False,
+    show_default=True,
+    help="Put fat over part of the liver surface, as in real scans; otherwise the same cases.",
+)
+def phantoms(
+    out_dir: Path,
+    cases: int,
+    seed: int,
+    start: int,
+    size: int | None,
+    slices: int | None,
+    preview: bool,
+    perihepatic_fat: bool,
+) -> None:
     """Write synthetic abdominal CT phantoms (HU + labels) in the LiTS layout.
 
     \b
@@ -44,8 +56,16 @@ def phantoms(out_dir: Path, cases: int, seed: int, start: int, size: int | None,
     """
     from runtime.phantoms import write_phantoms
 
-    paths = write_phantoms(out_dir, cases=cases, seed=seed, start=start, size=size, slices=slices, preview=preview,
-                           perihepatic_fat=perihepatic_fat)
+    paths = write_phantoms(
+        out_dir,
+        cases=cases,
+        seed=seed,
+        start=start,
+        size=size,
+        slices=slices,
+        preview=preview,
+        perihepatic_fat=perihepatic_fat,
+    )
     click.echo(f"wrote {len(paths)} cases to {out_dir}")
 
 
@@ -82,9 +102,19 @@ def fields_of(cls):
 def _make_fit():
     @cli.command()
     @click.argument("data_dir", type=click.Path(path_type=Path))
-    @click.option("--out", "out_dir", required=True, type=click.Path(path_type=Path), help="Run directory (checkpoints, logs, curves).")
-    @click.option("--config", "config_file", type=click.Path(path_type=Path), help="JSON file of option names; flags override it.")
-    @click.option("--resume", is_flag=True, help="Continue from RUN_DIR/last.pt with its optimizer, epoch and RNG state.")
+    @click.option(
+        "--out",
+        "out_dir",
+        required=True,
+        type=click.Path(path_type=Path),
+        help="Run directory (checkpoints, logs, curves).",
+    )
+    @click.option(
+        "--config", "config_file", type=click.Path(path_type=Path), help="JSON file of option names; flags override it."
+    )
+    @click.option(
+        "--resume", is_flag=True, help="Continue from RUN_DIR/last.pt with its optimizer, epoch and RNG state."
+    )
     @_config_options
     def fit(data_dir: Path, out_dir: Path, config_file: Path | None, resume: bool, **options) -> None:
         """Train the UNet on a LiTS- or Decathlon-layout directory.
@@ -128,12 +158,21 @@ fit = _make_fit()
 @cli.command()
 @click.argument("checkpoint", type=click.Path(path_type=Path))
 @click.argument("data_dir", type=click.Path(path_type=Path))
-@click.option("--out", "out_json", type=click.Path(path_type=Path), default=None, help="Write the metrics as JSON here.")
+@click.option(
+    "--out", "out_json", type=click.Path(path_type=Path), default=None, help="Write the metrics as JSON here."
+)
 @click.option("--batch-size", default=16, show_default=True, type=click.IntRange(1))
 @click.option("--device", default="auto", show_default=True)
-@click.option("--min-tumour-ml", type=click.FloatRange(0), default=0.0, show_default=True,
-              help="Relabel predicted tumour components smaller than this (mL) as liver, as seg-run --min-tumour-ml does.")
-def evaluate(checkpoint: Path, data_dir: Path, out_json: Path | None, batch_size: int, device: str, min_tumour_ml: float) -> None:
+@click.option(
+    "--min-tumour-ml",
+    type=click.FloatRange(0),
+    default=0.0,
+    show_default=True,
+    help="Relabel predicted tumour components smaller than this (mL) as liver, as seg-run --min-tumour-ml does.",
+)
+def evaluate(
+    checkpoint: Path, data_dir: Path, out_json: Path | None, batch_size: int, device: str, min_tumour_ml: float
+) -> None:
     """Print the LiTS metric table of a checkpoint on every labelled case of DATA_DIR.
 
     \b
@@ -150,12 +189,23 @@ def evaluate(checkpoint: Path, data_dir: Path, out_json: Path | None, batch_size
     ck = load_checkpoint(checkpoint)
     cases = load_dataset(data_dir)
     dev = select_device(device)
-    per_case = evaluate_cases(place(ck.model(), dev), ck.spec, cases, dev, batch_size, progress=sys.stderr.isatty(), surface=True,
-                              min_tumour_ml=min_tumour_ml)
+    per_case = evaluate_cases(
+        place(ck.model(), dev),
+        ck.spec,
+        cases,
+        dev,
+        batch_size,
+        progress=sys.stderr.isatty(),
+        surface=True,
+        min_tumour_ml=min_tumour_ml,
+    )
     summary = summarize(per_case)
     click.echo(format_table(per_case, summary))
     if out_json:
-        write_json_atomic(out_json, {"checkpoint": str(checkpoint), "min_tumour_ml": min_tumour_ml, "per_case": per_case, "summary": summary})
+        write_json_atomic(
+            out_json,
+            {"checkpoint": str(checkpoint), "min_tumour_ml": min_tumour_ml, "per_case": per_case, "summary": summary},
+        )
         click.echo(f"wrote {out_json}")
 
 
@@ -167,15 +217,21 @@ def _read_metrics(path: Path) -> dict[str, dict]:
 
     try:
         per_case = json.loads(path.read_text())["per_case"]
-        if not per_case or not all((m[s]["dice"] is None or isinstance(m[s]["dice"], (int, float)))
-                                   and isinstance(m[s]["ref_voxels"], int) and isinstance(m[s]["pred_voxels"], int)
-                                   for m in per_case.values() for s in STRUCTURES):
+        if not per_case or not all(
+            (m[s]["dice"] is None or isinstance(m[s]["dice"], (int, float)))
+            and isinstance(m[s]["ref_voxels"], int)
+            and isinstance(m[s]["pred_voxels"], int)
+            for m in per_case.values()
+            for s in STRUCTURES
+        ):
             raise ValueError
     except FileNotFoundError:
         raise InputError(f"{path}: no such file") from None
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
-        raise InputError(f"{path}: not a metrics file of seg-train evaluate or seg-bench score; "
-                         f"write one with: seg-train evaluate CHECKPOINT DATA_DIR --out {path}") from None
+        raise InputError(
+            f"{path}: not a metrics file of seg-train evaluate or seg-bench score; "
+            f"write one with: seg-train evaluate CHECKPOINT DATA_DIR --out {path}"
+        ) from None
     return per_case
 
 
@@ -183,7 +239,9 @@ def _read_metrics(path: Path) -> dict[str, dict]:
 @click.argument("base", type=click.Path(dir_okay=False, path_type=Path))
 @click.argument("others", nargs=-1, required=True, type=click.Path(dir_okay=False, path_type=Path))
 @click.option("--structure", type=click.Choice(["tumor", "liver"]), default="tumor", show_default=True)
-@click.option("--out", "out_json", type=click.Path(path_type=Path), default=None, help="Write the comparison as JSON here.")
+@click.option(
+    "--out", "out_json", type=click.Path(path_type=Path), default=None, help="Write the comparison as JSON here."
+)
 def compare(base: Path, others: tuple[Path, ...], structure: str, out_json: Path | None) -> None:
     """Compare per-case Dice of checkpoints or deployed models, each against BASE, paired by case.
 
@@ -215,18 +273,29 @@ def compare(base: Path, others: tuple[Path, ...], structure: str, out_json: Path
     files = [ref, *runs.values()]
     rows = [[c, *(f"{m[c][structure]['dice']:.4f}" for m in files)] for c in cases]
     if cases:
-        rows.append([f"mean of {len(cases)}", *(f"{sum(m[c][structure]['dice'] for c in cases) / len(cases):.4f}" for m in files)])
+        rows.append(
+            [
+                f"mean of {len(cases)}",
+                *(f"{sum(m[c][structure]['dice'] for c in cases) / len(cases):.4f}" for m in files),
+            ]
+        )
     click.echo(text_table([f"{structure} Dice", str(base), *results], rows))
     for name, r in results.items():
         lo, hi = r["ci95"]
-        click.echo(f"{name} - {base}: {r['mean_diff']:+.4f} mean per-case {structure} Dice over {len(r['cases'])} cases "
-                   f"(95% bootstrap interval {lo:+.4f} to {hi:+.4f}); better on {r['better']}, worse on {r['worse']}, "
-                   f"same on {r['same']}")
+        click.echo(
+            f"{name} - {base}: {r['mean_diff']:+.4f} mean per-case {structure} Dice over {len(r['cases'])} cases "
+            f"(95% bootstrap interval {lo:+.4f} to {hi:+.4f}); better on {r['better']}, worse on {r['worse']}, "
+            f"same on {r['same']}"
+        )
         if r["cases_without"]:
             fb, fo = r["false_positive_cases"]
-            click.echo(f"  {r['cases_without']} case(s) without a {structure}: false positives on {fb} for {base}, on {fo} for {name}")
+            click.echo(
+                f"  {r['cases_without']} case(s) without a {structure}: false positives on {fb} for {base}, on {fo} for {name}"
+            )
         if r["only_base"] or r["only_other"]:
-            click.echo(f"  note: {len(r['only_base'])} case(s) only in {base}, {len(r['only_other'])} only in {name}: left out")
+            click.echo(
+                f"  note: {len(r['only_base'])} case(s) only in {base}, {len(r['only_other'])} only in {name}: left out"
+            )
     if out_json:
         write_json_atomic(out_json, {"base": str(base), "comparisons": results})
         click.echo(f"wrote {out_json}")

@@ -49,11 +49,15 @@ HELP = {
     "val_every": "Validate every N epochs (and after the last).",
     "patience": "Early stopping: validations without improvement before stopping.",
     "dice_weight": "Weight of the soft Dice term (cross-entropy has weight 1).",
-    "dice": ("Soft Dice over the whole batch, or per image and averaged over the images that contain the class "
-             "(weighs a small lesion as much as a large one; cross-entropy alone then polices the empty slices)."),
+    "dice": (
+        "Soft Dice over the whole batch, or per image and averaged over the images that contain the class "
+        "(weighs a small lesion as much as a large one; cross-entropy alone then polices the empty slices)."
+    ),
     "tumour_weight": "Cross-entropy class weight of tumour (background and liver: 1).",
-    "boundary_weight": ("Extra cross-entropy weight of pixels near a class boundary (weight 1 + this), as the 2015 "
-                    "UNet weighted cell borders: lesions on the liver surface are where the model errs (0: off)."),
+    "boundary_weight": (
+        "Extra cross-entropy weight of pixels near a class boundary (weight 1 + this), as the 2015 "
+        "UNet weighted cell borders: lesions on the liver surface are where the model errs (0: off)."
+    ),
     "boundary_width": "Half-width in pixels of the boundary band that --boundary-weight weighs.",
     "ema": "Decay of an exponential moving average of the weights, validated and saved as best (0: off).",
     "bn_slices": "Whole slices used to re-estimate BatchNorm statistics before each validation (0: off).",
@@ -65,19 +69,25 @@ HELP = {
     "intensity": "Augmentation: gain jitter (+-) of the [0, 1] input; offset jitter is half of it.",
     "noise": "Augmentation: maximum Gaussian noise std on the [0, 1] input.",
     "elastic": "Augmentation: maximum elastic displacement in pixels of the model grid (0: off).",
-    "liver_shift": ("Augmentation: maximum HU offset added to liver and tumour together (contrast kept), "
-                    "for livers that enhance more or less than the training cases (0: off)."),
+    "liver_shift": (
+        "Augmentation: maximum HU offset added to liver and tumour together (contrast kept), "
+        "for livers that enhance more or less than the training cases (0: off)."
+    ),
     "val_fraction": "Fraction of cases held out for validation (split by case).",
     "val_cases": "Number of validation cases (overrides --val-fraction when > 0).",
     "seed": "Seed of the split, the slice draws, crops, augmentation and initial weights.",
-    "split_seed": ("Seed of the train/validation split alone (-1: --seed), so that runs with different --seed "
-                   "values are validated on the same cases."),
+    "split_seed": (
+        "Seed of the train/validation split alone (-1: --seed), so that runs with different --seed "
+        "values are validated on the same cases."
+    ),
     "workers": "DataLoader worker processes (0: load in the main process).",
     "cache_volumes": "Preprocessed volumes kept per worker (LRU); ~0.31 MB per slice at 256x256.",
     "device": "auto picks cuda, then mps, then cpu.",
-    "amp": ("Mixed-precision training steps (validation and saved weights stay float32). auto: fp16 with "
-            "loss scaling on CUDA, float32 elsewhere. bf16 is 2.2x faster on a CPU with AVX512-BF16 or AMX "
-            "but trailed float32 in tumour Dice there."),
+    "amp": (
+        "Mixed-precision training steps (validation and saved weights stay float32). auto: fp16 with "
+        "loss scaling on CUDA, float32 elsewhere. bf16 is 2.2x faster on a CPU with AVX512-BF16 or AMX "
+        "but trailed float32 in tumour Dice there."
+    ),
     "threads": "torch CPU threads (0: cores / processes on this node).",
 }
 
@@ -142,24 +152,44 @@ class TrainConfig:
         """Reject impossible combinations with one line that names the option."""
         for name, allowed in CHOICES.items():
             if getattr(self, name) not in allowed:
-                raise InputError(f"--{name.replace('_', '-')} must be one of {', '.join(allowed)}; got {getattr(self, name)!r}")
+                raise InputError(
+                    f"--{name.replace('_', '-')} must be one of {', '.join(allowed)}; got {getattr(self, name)!r}"
+                )
         if self.classes not in (1, 3):
             raise InputError(f"--classes must be 3 (background/liver/tumour) or 1 (liver only); got {self.classes}")
         positive = ("base_width", "depth", "size", "batch_size", "epochs", "steps_per_epoch", "val_every", "patience")
         for name in positive:
             if getattr(self, name) < 1:
                 raise InputError(f"--{name.replace('_', '-')} must be >= 1; got {getattr(self, name)}")
-        for name in ("crop", "warmup_epochs", "val_cases", "workers", "threads", "bn_slices", "context",
-                     "rotate_deg", "scale_range", "shift", "intensity", "noise", "elastic", "liver_shift",
-                     "boundary_weight", "boundary_width"):
+        for name in (
+            "crop",
+            "warmup_epochs",
+            "val_cases",
+            "workers",
+            "threads",
+            "bn_slices",
+            "context",
+            "rotate_deg",
+            "scale_range",
+            "shift",
+            "intensity",
+            "noise",
+            "elastic",
+            "liver_shift",
+            "boundary_weight",
+            "boundary_width",
+        ):
             if getattr(self, name) < 0:
                 raise InputError(f"--{name.replace('_', '-')} must be >= 0; got {getattr(self, name)}")
         if self.split_seed < -1:
             raise InputError(f"--split-seed must be >= 0, or -1 to use --seed; got {self.split_seed}")
         if self.cache_volumes < 1:
             raise InputError(f"--cache-volumes must be >= 1; got {self.cache_volumes}")
-        if not (0 <= self.tumour_oversampling and 0 <= self.liver_oversampling
-                and self.tumour_oversampling + self.liver_oversampling <= 1):
+        if not (
+            0 <= self.tumour_oversampling
+            and 0 <= self.liver_oversampling
+            and self.tumour_oversampling + self.liver_oversampling <= 1
+        ):
             raise InputError("--tumour-oversampling and --liver-oversampling must be >= 0 and sum to at most 1")
         if not 0 < self.val_fraction < 1:
             raise InputError(f"--val-fraction must be in (0, 1); got {self.val_fraction}")
@@ -179,15 +209,26 @@ class TrainConfig:
         return self.seed if self.split_seed < 0 else self.split_seed
 
     def spec(self, provenance: dict) -> ModelSpec:
-        pre = Preprocess(window=(self.window_low, self.window_high), mode=self.mode, spacing_mm=self.spacing_mm,
-                         size=(self.size, self.size), context=self.context)
+        pre = Preprocess(
+            window=(self.window_low, self.window_high),
+            mode=self.mode,
+            spacing_mm=self.spacing_mm,
+            size=(self.size, self.size),
+            context=self.context,
+        )
         sigmoid = self.classes == 1
         return ModelSpec(
             preprocess=pre,
             classes=("background", "liver") if sigmoid else ("background", "liver", "tumor"),
             io=IOLayout(activation="sigmoid" if sigmoid else "softmax"),
-            model=dict(in_channels=pre.channels, classes=self.classes, base_width=self.base_width,
-                       depth=self.depth, norm=self.norm, bilinear=self.bilinear),
+            model=dict(
+                in_channels=pre.channels,
+                classes=self.classes,
+                base_width=self.base_width,
+                depth=self.depth,
+                norm=self.norm,
+                bilinear=self.bilinear,
+            ),
             provenance=provenance,
         ).validate()
 

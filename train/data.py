@@ -30,7 +30,9 @@ from runtime.preprocess import context_indices, labels_to_model_grid, slice_grid
 from runtime.spec import Preprocess
 
 
-def split_cases(cases: list[Case], val_fraction: float, seed: int, val_cases: int | None = None) -> tuple[list[Case], list[Case]]:
+def split_cases(
+    cases: list[Case], val_fraction: float, seed: int, val_cases: int | None = None
+) -> tuple[list[Case], list[Case]]:
     """Split by case (never by slice), reproducibly."""
     if len(cases) < 2:
         raise InputError(f"need at least 2 cases for a train/validation split, found {len(cases)}")
@@ -57,7 +59,11 @@ def index_cases(cases: list[Case]) -> list[CaseIndex]:
     for c in cases:
         lab = read_labels(c.label).data
         per_slice = lab.reshape(lab.shape[0], -1)
-        out.append(CaseIndex(c.name, lab.shape[0], np.nonzero((per_slice >= 1).any(1))[0], np.nonzero((per_slice == 2).any(1))[0]))
+        out.append(
+            CaseIndex(
+                c.name, lab.shape[0], np.nonzero((per_slice >= 1).any(1))[0], np.nonzero((per_slice == 2).any(1))[0]
+            )
+        )
     return out
 
 
@@ -123,8 +129,18 @@ class EpochSampler(torch.utils.data.Sampler):
 class SliceDataset(torch.utils.data.Dataset):
     """Samples keyed by (epoch, j): the j-th draw of this rank in that epoch; volumes cached (LRU)."""
 
-    def __init__(self, cases: list[Case], pre: Preprocess, sampler: SliceSampler, per_epoch: int, crop: int | None,
-                 seed: int, rank: int = 0, world: int = 1, cache_volumes: int = 64):
+    def __init__(
+        self,
+        cases: list[Case],
+        pre: Preprocess,
+        sampler: SliceSampler,
+        per_epoch: int,
+        crop: int | None,
+        seed: int,
+        rank: int = 0,
+        world: int = 1,
+        cache_volumes: int = 64,
+    ):
         self.cases, self.pre, self.sampler, self.per_epoch, self.crop = cases, pre, sampler, per_epoch, crop
         self.seed, self.rank, self.world, self.cache_volumes = seed, rank, world, cache_volumes
         self._cache: OrderedDict[int, tuple[np.ndarray, np.ndarray]] = OrderedDict()
@@ -175,12 +191,21 @@ def _crop(x: np.ndarray, y: np.ndarray, size: int, purpose: int, rng: np.random.
         cy, cx = rng.integers(size // 2, h - size // 2 + 1), rng.integers(size // 2, w - size // 2 + 1)
     y0 = int(np.clip(cy - size // 2, 0, h - size))
     x0 = int(np.clip(cx - size // 2, 0, w - size))
-    return x[:, y0:y0 + size, x0:x0 + size], y[y0:y0 + size, x0:x0 + size]
+    return x[:, y0 : y0 + size, x0 : x0 + size], y[y0 : y0 + size, x0 : x0 + size]
 
 
-def augment(x: torch.Tensor, y: torch.Tensor, gen: torch.Generator, rotate_deg: float = 12.0,
-            scale=(0.85, 1.15), shift: float = 0.05, intensity: float = 0.1, noise: float = 0.015,
-            elastic: float = 0.0, liver_shift: float = 0.0):
+def augment(
+    x: torch.Tensor,
+    y: torch.Tensor,
+    gen: torch.Generator,
+    rotate_deg: float = 12.0,
+    scale=(0.85, 1.15),
+    shift: float = 0.05,
+    intensity: float = 0.1,
+    noise: float = 0.015,
+    elastic: float = 0.0,
+    liver_shift: float = 0.0,
+):
     """Batch augmentation: rotation, scaling, translation, elastic deformation, intensity jitter and noise.
 
     No left-right (or front-back) flips: the liver lies on the patient's right (and
@@ -213,12 +238,16 @@ def augment(x: torch.Tensor, y: torch.Tensor, gen: torch.Generator, rotate_deg: 
     if elastic > 0:
         grid = grid + elastic_field(n, x.shape[-2:], elastic, gen)
     x = torch.nn.functional.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
-    y = torch.nn.functional.grid_sample(y[:, None].float(), grid, mode="nearest", padding_mode="zeros", align_corners=False)[:, 0].long()
+    y = torch.nn.functional.grid_sample(
+        y[:, None].float(), grid, mode="nearest", padding_mode="zeros", align_corners=False
+    )[:, 0].long()
     gain = 1 + (u(n, 1, 1, 1) * 2 - 1) * intensity
     bias = (u(n, 1, 1, 1) * 2 - 1) * intensity * 0.5
     x = x * gain + bias + torch.randn(x.shape, generator=gen) * (u(n, 1, 1, 1) * noise)
     if liver_shift > 0:
-        organ = torch.nn.functional.avg_pool2d((y >= 1).float()[:, None], 5, stride=1, padding=2, count_include_pad=False)
+        organ = torch.nn.functional.avg_pool2d(
+            (y >= 1).float()[:, None], 5, stride=1, padding=2, count_include_pad=False
+        )
         x = x + organ * ((u(n, 1, 1, 1) * 2 - 1) * liver_shift * gain)
     return x, y
 
@@ -236,4 +265,9 @@ def elastic_field(n: int, shape, max_px: float, gen: torch.Generator, points: in
 def write_split(path, train: list[Case], val: list[Case], seed: int) -> None:
     from runtime.io import write_bytes_atomic
 
-    write_bytes_atomic(path, json.dumps({"seed": seed, "train": [c.name for c in train], "validation": [c.name for c in val]}, indent=2).encode())
+    write_bytes_atomic(
+        path,
+        json.dumps(
+            {"seed": seed, "train": [c.name for c in train], "validation": [c.name for c in val]}, indent=2
+        ).encode(),
+    )

@@ -73,7 +73,9 @@ def place(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
 def cpu_has_bf16() -> bool:
     """Whether this CPU runs bf16 matmuls natively; emulated bf16 is slower than float32."""
     cpu = getattr(torch, "cpu", None)
-    return any(bool(getattr(cpu, name, lambda: False)()) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"))
+    return any(
+        bool(getattr(cpu, name, lambda: False)()) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    )
 
 
 def amp_dtype(amp: str, device: torch.device) -> torch.dtype | None:
@@ -110,9 +112,14 @@ def _weighted_mean(values: torch.Tensor, weight: torch.Tensor, norm: torch.Tenso
     return (values * weight).sum() / (weight if norm is None else norm).sum()
 
 
-def loss_fn(logits: torch.Tensor, target: torch.Tensor, dice_weight: float = 1.0,
-            class_weight: torch.Tensor | None = None, dice: str = "batch",
-            pixel_weight: torch.Tensor | None = None) -> torch.Tensor:
+def loss_fn(
+    logits: torch.Tensor,
+    target: torch.Tensor,
+    dice_weight: float = 1.0,
+    class_weight: torch.Tensor | None = None,
+    dice: str = "batch",
+    pixel_weight: torch.Tensor | None = None,
+) -> torch.Tensor:
     """Cross-entropy + soft Dice over the foreground classes (sigmoid + BCE for one channel).
 
     ``pixel_weight`` (N, H, W) weighs each pixel's cross-entropy (e.g. 1 + w x ``boundary_band``);
@@ -187,8 +194,16 @@ def ema_model(model: torch.nn.Module, decay: float) -> torch.optim.swa_utils.Ave
     return torch.optim.swa_utils.AveragedModel(model, multi_avg_fn=lerp, use_buffers=False)
 
 
-def evaluate_cases(model: torch.nn.Module, spec: ModelSpec, cases: list[Case], device: torch.device, batch: int = 16,
-                   progress: bool = False, surface: bool = False, min_tumour_ml: float = 0.0) -> dict:
+def evaluate_cases(
+    model: torch.nn.Module,
+    spec: ModelSpec,
+    cases: list[Case],
+    device: torch.device,
+    batch: int = 16,
+    progress: bool = False,
+    surface: bool = False,
+    min_tumour_ml: float = 0.0,
+) -> dict:
     """Eval-mode whole-volume metrics through runtime.inference.predict_labels (the runtime's path),
     then runtime.postprocess.postprocess, then runtime.metrics.case_metrics."""
     model.eval()
@@ -221,8 +236,14 @@ def _labels(logits: torch.Tensor) -> torch.Tensor:
     return (logits[:, 0] > 0).long() if logits.shape[1] == 1 else logits.argmax(1)
 
 
-def recalibrate_bn(model: torch.nn.Module, ds: SliceDataset, items: list[tuple[int, int, int]], device: torch.device,
-                   batch: int = 16, recalibrate: bool = True) -> dict:
+def recalibrate_bn(
+    model: torch.nn.Module,
+    ds: SliceDataset,
+    items: list[tuple[int, int, int]],
+    device: torch.device,
+    batch: int = 16,
+    recalibrate: bool = True,
+) -> dict:
     """Recompute BatchNorm running statistics exactly on full-size, un-augmented slices.
 
     Training sees augmented crops, and the running averages lag weights that move quickly;
@@ -263,7 +284,7 @@ def recalibrate_bn(model: torch.nn.Module, ds: SliceDataset, items: list[tuple[i
     model.train()
     with torch.no_grad():
         for i in range(0, len(items), batch):
-            x = np.stack([ds.sample(ci, s)[0] for ci, s, _ in items[i:i + batch]])
+            x = np.stack([ds.sample(ci, s)[0] for ci, s, _ in items[i : i + batch]])
             model(torch.from_numpy(x).to(device))
         for m, mom in zip(bns, momenta):
             m.momentum = mom
@@ -274,8 +295,11 @@ def recalibrate_bn(model: torch.nn.Module, ds: SliceDataset, items: list[tuple[i
 
 def val_score(summary: dict) -> float:
     """Early-stopping score: mean of the liver and tumour mean per-case Dice (classes present)."""
-    vals = [summary[s]["dice_per_case_mean"] for s in ("liver", "tumor")
-            if s in summary and summary[s]["dice_per_case_mean"] is not None]
+    vals = [
+        summary[s]["dice_per_case_mean"]
+        for s in ("liver", "tumor")
+        if s in summary and summary[s]["dice_per_case_mean"] is not None
+    ]
     return float(np.mean(vals)) if vals else 0.0
 
 
@@ -283,10 +307,16 @@ def _rng_state() -> dict:
     """RNG states of torch, numpy and python as tensors and plain values (weights_only-loadable)."""
     _, keys, pos, has_gauss, cached = np.random.get_state()
     version, state, gauss = random.getstate()
-    out = {"torch": torch.get_rng_state(),
-           "numpy": {"keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos), "has_gauss": int(has_gauss),
-                     "cached_gaussian": float(cached)},
-           "python": {"version": int(version), "state": torch.tensor(state, dtype=torch.int64), "gauss": gauss}}
+    out = {
+        "torch": torch.get_rng_state(),
+        "numpy": {
+            "keys": torch.from_numpy(keys.astype(np.int64)),
+            "pos": int(pos),
+            "has_gauss": int(has_gauss),
+            "cached_gaussian": float(cached),
+        },
+        "python": {"version": int(version), "state": torch.tensor(state, dtype=torch.int64), "gauss": gauss},
+    }
     if torch.cuda.is_available():
         out["cuda"] = torch.cuda.get_rng_state_all()
     return out
@@ -296,7 +326,9 @@ def _set_rng_state(st: dict) -> None:
     torch.set_rng_state(st["torch"])
     if "numpy" in st:
         n = st["numpy"]
-        np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached_gaussian"]))
+        np.random.set_state(
+            ("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached_gaussian"])
+        )
     if "python" in st:
         p = st["python"]
         random.setstate((p["version"], tuple(int(v) for v in p["state"].tolist()), p["gauss"]))
@@ -329,7 +361,9 @@ def check_run_dir(out: Path, resume: bool) -> None:
         probe.write_bytes(b"")
         probe.unlink()
     except OSError as exc:
-        raise InputError(f"{out}: cannot write the run directory ({exc.strerror or exc}); choose a writable --out") from exc
+        raise InputError(
+            f"{out}: cannot write the run directory ({exc.strerror or exc}); choose a writable --out"
+        ) from exc
 
 
 def fit(data_dir: str | Path, out_dir: str | Path, cfg: TrainConfig, resume: bool = False, log=print) -> dict:
@@ -352,11 +386,16 @@ def fit(data_dir: str | Path, out_dir: str | Path, cfg: TrainConfig, resume: boo
     np.random.seed(cfg.seed)
     random.seed(cfg.seed)
 
-    provenance = {"dataset": Path(data_dir).resolve().name, "train_cases": [c.name for c in train_cases],
-                  "val_cases": [c.name for c in val_cases], "seed": cfg.seed, "split_seed": cfg.split_seed_value,
-                  "torch": torch.__version__,
-                  "amp": str(autocast).removeprefix("torch.") if autocast else "off",
-                  "config": asdict(cfg)}
+    provenance = {
+        "dataset": Path(data_dir).resolve().name,
+        "train_cases": [c.name for c in train_cases],
+        "val_cases": [c.name for c in val_cases],
+        "seed": cfg.seed,
+        "split_seed": cfg.split_seed_value,
+        "torch": torch.__version__,
+        "amp": str(autocast).removeprefix("torch.") if autocast else "off",
+        "config": asdict(cfg),
+    }
     spec = cfg.spec(provenance)
     model = UNet(**spec.model)
     try:
@@ -370,18 +409,23 @@ def fit(data_dir: str | Path, out_dir: str | Path, cfg: TrainConfig, resume: boo
     sampler = SliceSampler(index, cfg.seed, fractions)
     if rank == 0:
         check_run_dir(out, resume)
-        log(f"training on {device}, {provenance['amp'] + ' mixed precision' if autocast else 'float32'}; "
-            "validation in float32")
+        log(
+            f"training on {device}, {provenance['amp'] + ' mixed precision' if autocast else 'float32'}; "
+            "validation in float32"
+        )
         if autocast == torch.bfloat16 and device.type == "cpu" and not cpu_has_bf16():
             log("warning: this CPU has no native bf16 (AVX512-BF16 or AMX): --amp bf16 will be slower than --amp off")
     ck = load_checkpoint(out / "last.pt") if resume else None
     if ck is not None:
         if ck.spec.model != spec.model or ck.spec.preprocess != spec.preprocess:
-            raise InputError(f"{out / 'last.pt'}: was trained with a different model or preprocessing; "
-                             "resume with the same options")
+            raise InputError(
+                f"{out / 'last.pt'}: was trained with a different model or preprocessing; resume with the same options"
+            )
         if ck.spec.provenance.get("val_cases") not in (None, provenance["val_cases"]):
-            raise InputError(f"{out / 'last.pt'}: was validated on {', '.join(ck.spec.provenance['val_cases'])}; "
-                             "resume with the same --seed, --split-seed and --val-cases")
+            raise InputError(
+                f"{out / 'last.pt'}: was validated on {', '.join(ck.spec.provenance['val_cases'])}; "
+                "resume with the same --seed, --split-seed and --val-cases"
+            )
     place(model, device)
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     scaler = torch.amp.GradScaler(device.type, enabled=autocast == torch.float16)  # bf16 needs no loss scaling
@@ -403,20 +447,40 @@ def fit(data_dir: str | Path, out_dir: str | Path, cfg: TrainConfig, resume: boo
             log(f"resuming after epoch {start_epoch} (best validation score {best:.4f})")
     net = model
     if world > 1:
-        net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+        net = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None
+        )
     if rank == 0:
         write_split(out / "split.json", train_cases, val_cases, cfg.split_seed_value)
         write_bytes_atomic(out / "config.json", json.dumps(asdict(cfg), indent=2).encode())
 
     per_epoch = cfg.steps_per_epoch * cfg.batch_size
-    ds = SliceDataset(train_cases, spec.preprocess, sampler, per_epoch, cfg.crop or None, cfg.seed, rank, world, cfg.cache_volumes)
+    ds = SliceDataset(
+        train_cases, spec.preprocess, sampler, per_epoch, cfg.crop or None, cfg.seed, rank, world, cfg.cache_volumes
+    )
     ep_sampler = EpochSampler(per_epoch)
-    dl = torch.utils.data.DataLoader(ds, batch_size=cfg.batch_size, sampler=ep_sampler, num_workers=cfg.workers,
-                                     persistent_workers=cfg.workers > 0, prefetch_factor=4 if cfg.workers else None)
-    class_weight = torch.tensor([1.0, 1.0, cfg.tumour_weight], device=device) if cfg.classes == 3 and cfg.tumour_weight != 1 else None
-    aug = dict(rotate_deg=cfg.rotate_deg, scale=(1 - cfg.scale_range, 1 + cfg.scale_range), shift=cfg.shift,
-               intensity=cfg.intensity, noise=cfg.noise, elastic=cfg.elastic,
-               liver_shift=cfg.liver_shift / (cfg.window_high - cfg.window_low))
+    dl = torch.utils.data.DataLoader(
+        ds,
+        batch_size=cfg.batch_size,
+        sampler=ep_sampler,
+        num_workers=cfg.workers,
+        persistent_workers=cfg.workers > 0,
+        prefetch_factor=4 if cfg.workers else None,
+    )
+    class_weight = (
+        torch.tensor([1.0, 1.0, cfg.tumour_weight], device=device)
+        if cfg.classes == 3 and cfg.tumour_weight != 1
+        else None
+    )
+    aug = dict(
+        rotate_deg=cfg.rotate_deg,
+        scale=(1 - cfg.scale_range, 1 + cfg.scale_range),
+        shift=cfg.shift,
+        intensity=cfg.intensity,
+        noise=cfg.noise,
+        elastic=cfg.elastic,
+        liver_shift=cfg.liver_shift / (cfg.window_high - cfg.window_low),
+    )
     summary: dict = {}
     for epoch in range(start_epoch, cfg.epochs):
         t0 = time.perf_counter()
@@ -432,7 +496,11 @@ def fit(data_dir: str | Path, out_dir: str | Path, cfg: TrainConfig, resume: boo
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
             with torch.autocast(device.type, dtype=autocast, enabled=autocast is not None):
                 logits = net(x)
-            pixel_weight = 1 + cfg.boundary_weight * boundary_band(y if cfg.classes == 3 else y >= 1, cfg.boundary_width) if cfg.boundary_weight else None
+            pixel_weight = (
+                1 + cfg.boundary_weight * boundary_band(y if cfg.classes == 3 else y >= 1, cfg.boundary_width)
+                if cfg.boundary_weight
+                else None
+            )
             loss = loss_fn(logits, y, cfg.dice_weight, class_weight, cfg.dice, pixel_weight)
             opt.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
@@ -441,8 +509,10 @@ def fit(data_dir: str | Path, out_dir: str | Path, cfg: TrainConfig, resume: boo
             if ema is not None:
                 ema.update_parameters(model)
             losses.append(float(loss.detach()))
-            bar.set_postfix(loss=f"{np.mean(losses[-20:]):.3f}",
-                            slices_s=f"{(step + 1) * cfg.batch_size * world / (time.perf_counter() - t0):.1f}")
+            bar.set_postfix(
+                loss=f"{np.mean(losses[-20:]):.3f}",
+                slices_s=f"{(step + 1) * cfg.batch_size * world / (time.perf_counter() - t0):.1f}",
+            )
         train_loss = float(np.mean(losses))
         if world > 1:
             import torch.distributed as dist
@@ -451,26 +521,50 @@ def fit(data_dir: str | Path, out_dir: str | Path, cfg: TrainConfig, resume: boo
             dist.all_reduce(t)
             train_loss = float(t) / world
         train_time = time.perf_counter() - t0
-        record = {"epoch": epoch + 1, "train_loss": train_loss, "lr": opt.param_groups[0]["lr"], "train_s": round(train_time, 1),
-                  "slices_per_s": round(per_epoch * world / train_time, 1)}
+        record = {
+            "epoch": epoch + 1,
+            "train_loss": train_loss,
+            "lr": opt.param_groups[0]["lr"],
+            "train_s": round(train_time, 1),
+            "slices_per_s": round(per_epoch * world / train_time, 1),
+        }
         stop = False
         if rank == 0 and ((epoch + 1) % cfg.val_every == 0 or epoch + 1 == cfg.epochs):
             tv = time.perf_counter()
-            bn_items = [(ci, s, 2) for ci, s, _ in SliceSampler(index, cfg.seed + 1, (0, 0, 1)).draw(10_000 + epoch, max(cfg.bn_slices, 16))]
+            bn_items = [
+                (ci, s, 2)
+                for ci, s, _ in SliceSampler(index, cfg.seed + 1, (0, 0, 1)).draw(
+                    10_000 + epoch, max(cfg.bn_slices, 16)
+                )
+            ]
             scored = model if ema is None else ema.module
             record.update(recalibrate_bn(scored, ds, bn_items, device, recalibrate=cfg.bn_slices > 0))
             per_case = evaluate_cases(scored, spec, val_cases, device, progress=progress)
             summary = summarize(per_case)
             score = val_score(summary)
-            record.update({"val_liver_dice": summary["liver"]["dice_per_case_mean"],
-                           "val_tumor_dice": summary.get("tumor", {}).get("dice_per_case_mean"),
-                           "val_score": score, "val_s": round(time.perf_counter() - tv, 1),
-                           "val_per_case": {k: {s: v[s]["dice"] for s in ("liver", "tumor") if s in v} for k, v in per_case.items()}})
+            record.update(
+                {
+                    "val_liver_dice": summary["liver"]["dice_per_case_mean"],
+                    "val_tumor_dice": summary.get("tumor", {}).get("dice_per_case_mean"),
+                    "val_score": score,
+                    "val_s": round(time.perf_counter() - tv, 1),
+                    "val_per_case": {
+                        k: {s: v[s]["dice"] for s in ("liver", "tumor") if s in v} for k, v in per_case.items()
+                    },
+                }
+            )
             if score > best:
                 best, stale = score, 0
-                final = spec.with_(provenance={**provenance, "epochs": epoch + 1, "val_liver_dice": record["val_liver_dice"],
-                                                "val_tumor_dice": record["val_tumor_dice"], "val_score": score,
-                                                "date": datetime.date.today().isoformat()})
+                final = spec.with_(
+                    provenance={
+                        **provenance,
+                        "epochs": epoch + 1,
+                        "val_liver_dice": record["val_liver_dice"],
+                        "val_tumor_dice": record["val_tumor_dice"],
+                        "val_score": score,
+                        "date": datetime.date.today().isoformat(),
+                    }
+                )
                 save_checkpoint(out / "best.pt", scored, final, epoch=epoch + 1, best=best)
             else:
                 stale += 1
@@ -484,18 +578,39 @@ def fit(data_dir: str | Path, out_dir: str | Path, cfg: TrainConfig, resume: boo
         if rank == 0:
             record["time_s"] = round(time.perf_counter() - t0, 1)
             _append_jsonl(out / "metrics.jsonl", record)  # before last.pt: a resume drops lines past its epoch
-            state = spec.with_(provenance={**provenance, "epochs": epoch + 1, "best_val_score": best,
-                                           "date": datetime.date.today().isoformat()})
-            save_checkpoint(out / "last.pt", model, state, optimizer=opt.state_dict(), scaler=scaler.state_dict(),
-                            scheduler={"kind": cfg.schedule, "warmup_epochs": cfg.warmup_epochs, "epochs": cfg.epochs,
-                                       "lr": float(opt.param_groups[0]["lr"])},
-                            epoch=epoch + 1, best=best, stale=stale, rng=_rng_state(),
-                            **({"ema": {k: v.detach().cpu() for k, v in ema.state_dict().items()}} if ema is not None else {}))
+            state = spec.with_(
+                provenance={
+                    **provenance,
+                    "epochs": epoch + 1,
+                    "best_val_score": best,
+                    "date": datetime.date.today().isoformat(),
+                }
+            )
+            save_checkpoint(
+                out / "last.pt",
+                model,
+                state,
+                optimizer=opt.state_dict(),
+                scaler=scaler.state_dict(),
+                scheduler={
+                    "kind": cfg.schedule,
+                    "warmup_epochs": cfg.warmup_epochs,
+                    "epochs": cfg.epochs,
+                    "lr": float(opt.param_groups[0]["lr"]),
+                },
+                epoch=epoch + 1,
+                best=best,
+                stale=stale,
+                rng=_rng_state(),
+                **({"ema": {k: v.detach().cpu() for k, v in ema.state_dict().items()}} if ema is not None else {}),
+            )
             _plot(out)
             msg = f"epoch {epoch + 1}: loss {train_loss:.4f}, {train_time:.0f}s ({record['slices_per_s']} slices/s)"
             if "val_score" in record:
-                msg += (f"; eval-mode val Dice liver {_f(record['val_liver_dice'])} tumour {_f(record['val_tumor_dice'])}"
-                        f" ({record['val_s']:.0f}s)")
+                msg += (
+                    f"; eval-mode val Dice liver {_f(record['val_liver_dice'])} tumour {_f(record['val_tumor_dice'])}"
+                    f" ({record['val_s']:.0f}s)"
+                )
                 if "bn_agree_before" in record:
                     msg += f"; eval/train-mode agreement {_f(record['bn_agree_before'])} -> {_f(record.get('bn_agree_after'))}"
             log(msg)

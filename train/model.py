@@ -30,8 +30,12 @@ class DoubleConv(nn.Sequential):
     def __init__(self, cin: int, cout: int, norm: str):
         bias = norm == "none"
         super().__init__(
-            nn.Conv2d(cin, cout, 3, padding=1, bias=bias), _norm(norm, cout), nn.ReLU(inplace=True),
-            nn.Conv2d(cout, cout, 3, padding=1, bias=bias), _norm(norm, cout), nn.ReLU(inplace=True),
+            nn.Conv2d(cin, cout, 3, padding=1, bias=bias),
+            _norm(norm, cout),
+            nn.ReLU(inplace=True),
+            nn.Conv2d(cout, cout, 3, padding=1, bias=bias),
+            _norm(norm, cout),
+            nn.ReLU(inplace=True),
         )
 
 
@@ -66,16 +70,22 @@ class UNet(nn.Module):
     """
 
     def __init__(
-        self, in_channels: int = 1, classes: int = 3, base_width: int = 64, depth: int = 4,
-        norm: str = "batch", bilinear: bool = False,
+        self,
+        in_channels: int = 1,
+        classes: int = 3,
+        base_width: int = 64,
+        depth: int = 4,
+        norm: str = "batch",
+        bilinear: bool = False,
     ):
         super().__init__()
         if norm not in NORMS:
             raise ValueError(f"norm must be one of {NORMS}, got {norm!r}")
         if depth < 1 or base_width < 1 or in_channels < 1 or classes < 1:
             raise ValueError("depth, base_width, in_channels and classes must be positive")
-        self.config = dict(in_channels=in_channels, classes=classes, base_width=base_width,
-                           depth=depth, norm=norm, bilinear=bilinear)
+        self.config = dict(
+            in_channels=in_channels, classes=classes, base_width=base_width, depth=depth, norm=norm, bilinear=bilinear
+        )
         widths = [base_width * 2**i for i in range(depth + 1)]
         self.inc = DoubleConv(in_channels, widths[0], norm)
         self.down = nn.ModuleList(DoubleConv(widths[i], widths[i + 1], norm) for i in range(depth))

@@ -37,7 +37,9 @@ class CudaPython:
         self.rt = _import_cudart()
         err, count = self.rt.cudaGetDeviceCount()
         if int(err) != 0 or not count:
-            raise CudaError(f"cannot use the GPU: {NO_GPU.get(int(err), self._msg(err))} (cudaGetDeviceCount returned {int(err)})")
+            raise CudaError(
+                f"cannot use the GPU: {NO_GPU.get(int(err), self._msg(err))} (cudaGetDeviceCount returned {int(err)})"
+            )
         self._host: dict[int, int] = {}
 
     def _msg(self, err) -> str:
@@ -81,10 +83,20 @@ class CudaPython:
         self._ok(self.rt.cudaStreamDestroy(stream), "cudaStreamDestroy")
 
     def htod_async(self, dst: int, src: np.ndarray, stream) -> None:
-        self._ok(self.rt.cudaMemcpyAsync(dst, src.ctypes.data, src.nbytes, self.rt.cudaMemcpyKind.cudaMemcpyHostToDevice, stream), "cudaMemcpyAsync(H2D)")
+        self._ok(
+            self.rt.cudaMemcpyAsync(
+                dst, src.ctypes.data, src.nbytes, self.rt.cudaMemcpyKind.cudaMemcpyHostToDevice, stream
+            ),
+            "cudaMemcpyAsync(H2D)",
+        )
 
     def dtoh_async(self, dst: np.ndarray, src: int, stream) -> None:
-        self._ok(self.rt.cudaMemcpyAsync(dst.ctypes.data, src, dst.nbytes, self.rt.cudaMemcpyKind.cudaMemcpyDeviceToHost, stream), "cudaMemcpyAsync(D2H)")
+        self._ok(
+            self.rt.cudaMemcpyAsync(
+                dst.ctypes.data, src, dst.nbytes, self.rt.cudaMemcpyKind.cudaMemcpyDeviceToHost, stream
+            ),
+            "cudaMemcpyAsync(D2H)",
+        )
 
     def synchronize(self, stream) -> None:
         self._ok(self.rt.cudaStreamSynchronize(stream), "cudaStreamSynchronize")
@@ -102,7 +114,10 @@ class CudaPython:
         return float(self._ok(self.rt.cudaEventElapsedTime(start, end), "cudaEventElapsedTime"))
 
     def begin_capture(self, stream) -> None:
-        self._ok(self.rt.cudaStreamBeginCapture(stream, self.rt.cudaStreamCaptureMode.cudaStreamCaptureModeThreadLocal), "cudaStreamBeginCapture")
+        self._ok(
+            self.rt.cudaStreamBeginCapture(stream, self.rt.cudaStreamCaptureMode.cudaStreamCaptureModeThreadLocal),
+            "cudaStreamBeginCapture",
+        )
 
     def end_capture(self, stream):
         graph = self._ok(self.rt.cudaStreamEndCapture(stream), "cudaStreamEndCapture")
@@ -214,7 +229,9 @@ def load_cuda():
     try:
         import pycuda.driver  # noqa: F401
     except ImportError:
-        raise MissingDependency("the TensorRT backend needs a CUDA binding: pip install 'unet-edge[trt]' (cuda-python) or pycuda") from None
+        raise MissingDependency(
+            "the TensorRT backend needs a CUDA binding: pip install 'unet-edge[trt]' (cuda-python) or pycuda"
+        ) from None
     return PyCuda()
 
 

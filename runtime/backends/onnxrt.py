@@ -43,7 +43,9 @@ def best_provider() -> str:
 def spec_from_session(session, path: str | Path) -> ModelSpec:
     meta = session.get_modelmeta().custom_metadata_map
     if METADATA_KEY not in meta:
-        raise SpecError(f"{path}: the model carries no spec; export it with 'seg-export onnx CHECKPOINT' so it records its preprocessing")
+        raise SpecError(
+            f"{path}: the model carries no spec; export it with 'seg-export onnx CHECKPOINT' so it records its preprocessing"
+        )
     return ModelSpec.from_json(meta[METADATA_KEY])
 
 
@@ -65,7 +67,9 @@ def check_layout(session, spec: ModelSpec, path: str | Path) -> None:
     elif len(outs[0].shape) == 4 and isinstance(outs[0].shape[1], int) and outs[0].shape[1] != spec.out_channels:
         problems.append(f"output channels {outs[0].shape[1]} (spec: {spec.out_channels})")
     if problems:
-        raise SpecError(f"{path}: model input layout does not match its spec: " + "; ".join(problems) + "; re-export the model")
+        raise SpecError(
+            f"{path}: model input layout does not match its spec: " + "; ".join(problems) + "; re-export the model"
+        )
 
 
 def cpu_count() -> int:
@@ -91,7 +95,9 @@ def plan_streams(streams: int, threads: int, cores: int) -> tuple[int, int]:
 class OnnxRuntimeBackend(Backend):
     name = "onnxruntime"
 
-    def __init__(self, path: str | Path, provider: str = "auto", threads: int = 0, optimize: bool = True, streams: int = 0):
+    def __init__(
+        self, path: str | Path, provider: str = "auto", threads: int = 0, optimize: bool = True, streams: int = 0
+    ):
         super().__init__()
         self.path = Path(path)
         self.requested = provider
@@ -109,15 +115,20 @@ class OnnxRuntimeBackend(Backend):
         if provider not in PROVIDERS:
             raise SegError(f"unknown provider {provider!r}; choose cpu, cuda or tensorrt")
         if PROVIDERS[provider] not in available_providers():
-            raise SegError(f"ONNX Runtime here has no {provider} provider (available: {available_providers()}); "
-                           "for GPUs install 'unet-edge[gpu]' instead of the cpu extra")
+            raise SegError(
+                f"ONNX Runtime here has no {provider} provider (available: {available_providers()}); "
+                "for GPUs install 'unet-edge[gpu]' instead of the cpu extra"
+            )
         so = ort.SessionOptions()
-        so.graph_optimization_level = (ort.GraphOptimizationLevel.ORT_ENABLE_ALL if self.optimize
-                                       else ort.GraphOptimizationLevel.ORT_DISABLE_ALL)
+        so.graph_optimization_level = (
+            ort.GraphOptimizationLevel.ORT_ENABLE_ALL if self.optimize else ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+        )
         so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
         so.enable_cpu_mem_arena = True
         so.log_severity_level = 3
-        streams, per_stream = plan_streams(self.streams, self.threads, cpu_count()) if provider == "cpu" else (1, self.threads)
+        streams, per_stream = (
+            plan_streams(self.streams, self.threads, cpu_count()) if provider == "cpu" else (1, self.threads)
+        )
         if per_stream:
             so.intra_op_num_threads = per_stream
             so.inter_op_num_threads = 1
@@ -125,7 +136,9 @@ class OnnxRuntimeBackend(Backend):
         try:
             self.session = ort.InferenceSession(str(self.path), so, providers=providers)
         except Exception as exc:
-            raise InputError(f"{self.path}: ONNX Runtime cannot load this model ({str(exc).splitlines()[0][:160]})") from exc
+            raise InputError(
+                f"{self.path}: ONNX Runtime cannot load this model ({str(exc).splitlines()[0][:160]})"
+            ) from exc
         self.spec = spec_from_session(self.session, self.path)
         check_layout(self.session, self.spec, self.path)
         self.provider = provider

@@ -40,7 +40,9 @@ def parse_version(text: str) -> tuple[int, ...]:
 
 def validate_profile(min_batch: int, opt_batch: int, max_batch: int) -> tuple[int, int, int]:
     if not 1 <= min_batch <= opt_batch <= max_batch:
-        raise InputError(f"batch profile must satisfy 1 <= min <= opt <= max, got min={min_batch} opt={opt_batch} max={max_batch}")
+        raise InputError(
+            f"batch profile must satisfy 1 <= min <= opt <= max, got min={min_batch} opt={opt_batch} max={max_batch}"
+        )
     return min_batch, opt_batch, max_batch
 
 
@@ -48,15 +50,27 @@ def sidecar_path(plan: str | Path) -> Path:
     return Path(str(plan) + ".json")
 
 
-def make_sidecar(spec: ModelSpec, onnx_sha256: str, plan_bytes: bytes, tensorrt_version: str, device: DeviceInfo,
-                 profile: tuple[int, int, int], builder: dict[str, Any], device_memory_bytes: int | None) -> dict:
+def make_sidecar(
+    spec: ModelSpec,
+    onnx_sha256: str,
+    plan_bytes: bytes,
+    tensorrt_version: str,
+    device: DeviceInfo,
+    profile: tuple[int, int, int],
+    builder: dict[str, Any],
+    device_memory_bytes: int | None,
+) -> dict:
     return {
         "sidecar_version": SIDECAR_VERSION,
         "spec": spec.to_dict(),
         "onnx_sha256": onnx_sha256,
         "plan_sha256": hashlib.sha256(plan_bytes).hexdigest(),
         "tensorrt_version": tensorrt_version,
-        "gpu": {"name": device.name, "compute_capability": list(device.compute_capability), "total_memory": device.total_memory},
+        "gpu": {
+            "name": device.name,
+            "compute_capability": list(device.compute_capability),
+            "total_memory": device.total_memory,
+        },
         "profile": {"min_batch": profile[0], "opt_batch": profile[1], "max_batch": profile[2]},
         "builder": builder,
         "device_memory_bytes": device_memory_bytes,
@@ -67,7 +81,9 @@ def make_sidecar(spec: ModelSpec, onnx_sha256: str, plan_bytes: bytes, tensorrt_
 def read_sidecar(plan: str | Path) -> dict:
     p = sidecar_path(plan)
     if not p.is_file():
-        raise InputError(f"{p}: the plan has no sidecar JSON; build plans with 'seg-export build-engine', which writes both")
+        raise InputError(
+            f"{p}: the plan has no sidecar JSON; build plans with 'seg-export build-engine', which writes both"
+        )
     try:
         side = json.loads(p.read_text())
         ModelSpec.from_dict(side["spec"])
@@ -78,16 +94,24 @@ def read_sidecar(plan: str | Path) -> dict:
     return side
 
 
-def check_plan(side: dict, plan_bytes: bytes, tensorrt_version: str, device: DeviceInfo, plan_name: str = "model.plan") -> None:
+def check_plan(
+    side: dict, plan_bytes: bytes, tensorrt_version: str, device: DeviceInfo, plan_name: str = "model.plan"
+) -> None:
     """Refuse a plan built for another TensorRT version or GPU, or altered since it was built."""
     rebuild = f"rebuild it on this machine: seg-export build-engine MODEL.onnx -o {plan_name}"
     if hashlib.sha256(plan_bytes).hexdigest() != side["plan_sha256"]:
-        raise PlanMismatch(f"{plan_name}: the plan file does not match its sidecar's sha256 (changed or truncated); {rebuild}")
+        raise PlanMismatch(
+            f"{plan_name}: the plan file does not match its sidecar's sha256 (changed or truncated); {rebuild}"
+        )
     built, here = parse_version(side["tensorrt_version"]), parse_version(tensorrt_version)
     if built[:3] != here[:3] or (len(built) > 3 and len(here) > 3 and built[3] != here[3]):
-        raise PlanMismatch(f"{plan_name}: built with TensorRT {side['tensorrt_version']}, this machine has {tensorrt_version}; "
-                           f"plans only run on the TensorRT version that built them; {rebuild}")
+        raise PlanMismatch(
+            f"{plan_name}: built with TensorRT {side['tensorrt_version']}, this machine has {tensorrt_version}; "
+            f"plans only run on the TensorRT version that built them; {rebuild}"
+        )
     cc = tuple(side["gpu"]["compute_capability"])
     if cc != tuple(device.compute_capability) or side["gpu"]["name"] != device.name:
-        raise PlanMismatch(f"{plan_name}: built for {side['gpu']['name']} (compute capability {cc[0]}.{cc[1]}), this GPU is "
-                           f"{device.name} ({device.compute_capability[0]}.{device.compute_capability[1]}); {rebuild}")
+        raise PlanMismatch(
+            f"{plan_name}: built for {side['gpu']['name']} (compute capability {cc[0]}.{cc[1]}), this GPU is "
+            f"{device.name} ({device.compute_capability[0]}.{device.compute_capability[1]}); {rebuild}"
+        )

@@ -61,13 +61,17 @@ class TensorRTBackend(Backend):
         self.runtime = trt.Runtime(self.logger)
         self.engine = self.runtime.deserialize_cuda_engine(plan)
         if self.engine is None:
-            raise SegError(f"{self.path}: TensorRT could not deserialize the plan; rebuild it with seg-export build-engine")
+            raise SegError(
+                f"{self.path}: TensorRT could not deserialize the plan; rebuild it with seg-export build-engine"
+            )
         names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
         inputs = [n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
         outputs = [n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.OUTPUT]
         io = self.spec.io
         if inputs != [io.input_name] or io.output_name not in outputs:
-            raise SegError(f"{self.path}: engine tensors {inputs} -> {outputs} do not match the spec ({io.input_name} -> {io.output_name})")
+            raise SegError(
+                f"{self.path}: engine tensors {inputs} -> {outputs} do not match the spec ({io.input_name} -> {io.output_name})"
+            )
         self.in_name, self.out_name = io.input_name, io.output_name
         mn, opt, mx = (tuple(s) for s in self.engine.get_tensor_profile_shape(self.in_name, 0))
         # batches below the profile's minimum are padded with zeros, so any batch from 1 runs
@@ -93,8 +97,10 @@ class TensorRTBackend(Backend):
             ctx.set_tensor_address(self.out_name, slot["d_out"])
 
     def details(self) -> list[str]:
-        return [f"batch profile {self.profile_min}/{self.default_batch}/{self.max_batch}",
-                *(["CUDA graphs"] if self.use_graph else [])]
+        return [
+            f"batch profile {self.profile_min}/{self.default_batch}/{self.max_batch}",
+            *(["CUDA graphs"] if self.use_graph else []),
+        ]
 
     def _enqueue(self, slot: dict) -> None:
         ok = slot["ctx"].execute_async_v3(self.cuda.stream_handle(slot["stream"]))
@@ -184,8 +190,13 @@ class TensorRTBackend(Backend):
             if "stream" in slot:
                 cuda.synchronize(slot["stream"])  # a failed run may leave copies in flight
             self._drop_graph(slot)
-            for key, free in (("d_in", cuda.free), ("d_out", cuda.free), ("h_in", cuda.host_free), ("h_out", cuda.host_free),
-                              ("stream", cuda.destroy_stream)):
+            for key, free in (
+                ("d_in", cuda.free),
+                ("d_out", cuda.free),
+                ("h_in", cuda.host_free),
+                ("h_out", cuda.host_free),
+                ("stream", cuda.destroy_stream),
+            ):
                 if key in slot:
                     free(slot[key])
             for event in slot["events"]:

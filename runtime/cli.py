@@ -94,7 +94,15 @@ def segment_files(
 
     from .io import intensity_warning, mask_image, nifti_bytes, probability_image
     from .models import file_sha256
-    from .outputs import check_names, output_names, remove_stale_temps, sha256_bytes, why_not_done, write_group_atomic
+    from .outputs import (
+        check_names,
+        json_bytes,
+        output_names,
+        remove_stale_temps,
+        sha256_bytes,
+        why_not_done,
+        write_group_atomic,
+    )
     from .pipeline import SegmentOptions, Timings, read_ahead, segment_canonical
     from .postprocess import StreamingComponents, drop_small_tumours, volume_stats, voxels_for_ml
     from .postprocess import postprocess as post
@@ -211,7 +219,7 @@ def segment_files(
                 **settings,
                 "warnings": [warning] if warning else [],
             }
-            files.append((json_path, _json_bytes(report)))
+            files.append((json_path, json_bytes(report)))
             write_group_atomic(files)  # all or nothing, the JSON last
             results[p] = report
             echo(
@@ -227,14 +235,6 @@ def segment_files(
     overall.close()
     hasher.shutdown(wait=True)
     return results
-
-
-def _json_bytes(obj: dict) -> bytes:
-    import json
-
-    from .io import _json_default
-
-    return (json.dumps(obj, indent=2, default=_json_default, allow_nan=False) + "\n").encode()
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})

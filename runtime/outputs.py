@@ -261,3 +261,31 @@ def why_not_done(
         if not prob_path.is_file() or rec.get("probabilities_sha256") != file_sha256(prob_path):
             return f"{prob_path.name} is missing or does not match its JSON"
     return None
+
+
+def _plain(o):
+    """JSON-ready copy: numpy scalars and arrays as Python values, paths as strings, NaN/Inf as null."""
+    import math
+
+    import numpy as np
+
+    if isinstance(o, dict):
+        return {str(k): _plain(v) for k, v in o.items()}
+    if isinstance(o, (list, tuple)):
+        return [_plain(v) for v in o]
+    if isinstance(o, np.ndarray):
+        return _plain(o.tolist())
+    if isinstance(o, np.generic):
+        return _plain(o.item())
+    if isinstance(o, float) and not math.isfinite(o):
+        return None
+    if isinstance(o, Path):
+        return str(o)
+    return o
+
+
+def json_bytes(obj) -> bytes:
+    """Strict JSON (no NaN or Infinity, which JSON does not have: they become null), indented."""
+    import json
+
+    return (json.dumps(_plain(obj), indent=2, allow_nan=False) + "\n").encode()

@@ -95,6 +95,7 @@ def segment_files(
     from .io import intensity_warning, mask_image, nifti_bytes, probability_image
     from .models import file_sha256
     from .outputs import (
+        DiskFullError,
         check_names,
         json_bytes,
         output_names,
@@ -220,7 +221,10 @@ def segment_files(
                 "warnings": [warning] if warning else [],
             }
             files.append((json_path, json_bytes(report)))
-            write_group_atomic(files)  # all or nothing, the JSON last
+            try:
+                write_group_atomic(files)  # all or nothing, the JSON last
+            except DiskFullError as exc:
+                raise DiskFullError(f"{p}: {exc}") from exc
             results[p] = report
             echo(
                 f"{p}: liver {stats['liver_ml']:.0f} mL, tumour {stats['tumor_ml']:.1f} mL in {stats['tumor_count']} "

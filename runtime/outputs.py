@@ -77,7 +77,8 @@ def remove_stale_temps(folder: Path) -> list[Path]:
 
 
 def disk_full_message(folder: Path, exc: OSError) -> str:
-    return f"{folder}: the disk is full ({exc.strerror or 'no space left'}); free some space there or choose another -o"
+    why = exc.strerror or "no space left"
+    return f"not written: the disk is full at {folder} ({why}); free some space there or choose another -o"
 
 
 def _write_temp(folder: Path, data: bytes) -> str:

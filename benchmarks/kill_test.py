@@ -198,13 +198,15 @@ def run_trials(kills: int, slices: int, size: int, seed: int, work: Path, echo=c
 
 
 def markdown(res: dict) -> str:
+    mid_write = sum(t["temp_files_after_kill"] > 0 for t in res["trials"])
     return (
         f"# SIGKILL test\n\n{res['kills']} kills of seg-run on a {res['volume']['slices']}-slice "
-        f"{res['volume']['size']}x{res['volume']['size']} phantom (uninterrupted run {res['uninterrupted_s']} s), "
-        f"half of them aimed at the writes.\n\n"
-        "| complete | absent | mask only (redone) | violations | temp files after kills | "
-        "temp files after next run | next runs not ok | time (s) |\n|---|---|---|---|---|---|---|---|\n"
-        f"| {res['complete']} | {res['absent']} | {res['mask_only']} | {res['violation']} | "
+        f"{res['volume']['size']}x{res['volume']['size']} phantom (uninterrupted run {res['uninterrupted_s']} s, "
+        f"of which {res['write_window_s'] * 1000:.0f} ms writing), half of them aimed at the writes; "
+        f"{mid_write} kill(s) landed mid-write (they left temp files).\n\n"
+        "| kills | complete | absent | mask only (redone) | violations | temp files after kills | "
+        "temp files after next run | next runs not ok | time (s) |\n|---|---|---|---|---|---|---|---|---|\n"
+        f"| {res['kills']} | {res['complete']} | {res['absent']} | {res['mask_only']} | {res['violation']} | "
         f"{res['temp_files_after_kills']} | {res['temp_files_after_next_runs']} | {res['next_runs_not_ok']} | "
         f"{res['seconds']} |\n"
     )
@@ -232,7 +234,8 @@ def main(kills: int, slices: int, size: int, seed: int, out_dir: Path | None) ->
     click.echo(md)
     failed = res["violation"] or res["next_runs_not_ok"] or res["temp_files_after_next_runs"]
     if out_dir:
-        write_reports(out_dir, "kill_test.failed" if failed else "kill_test", envelope("kill-test", res), md, [])
+        rep = {**envelope("kill-test", res), "command": " ".join(["python -m benchmarks.kill_test", *sys.argv[1:]])}
+        write_reports(out_dir, "kill_test.failed" if failed else "kill_test", rep, md, [])
     sys.exit(1 if failed else 0)
 
 

@@ -326,7 +326,9 @@ def cli(
 ) -> None:
     """Segment liver and liver tumours in CT volumes (NIfTI), writing <name>_seg.nii.gz
     (uint8: 0 background, 1 liver, 2 tumour; the input's geometry) and <name>.json
-    (volumes in mL, tumour count and burden, per-stage timings, backend, model hash).
+    (volumes in mL, tumour count and burden, per-stage timings, backend, sha256 of input, model
+    and mask). Inputs sharing a file name are named by their folders (pats/a/ct.nii.gz: a_ct);
+    seg-run's own masks are never inputs; a volume's files appear together or not at all.
 
     \b
     Examples:

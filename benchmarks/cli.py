@@ -130,7 +130,7 @@ def latency(
 
     from .latency import run_worker
     from .machine import matmul_peak_gflops
-    from .report import envelope, latency_markdown, latency_ratios, plot_latency, write_reports
+    from .report import envelope, latency_markdown, latency_ratios, plot_latency
 
     bl = _ints(batches)
     if quick:
@@ -183,10 +183,11 @@ def latency(
     )
     rep["ratios"] = latency_ratios(results)
     md = latency_markdown(rep)
-    write_reports(out_dir, "latency", rep, md, [(lambda p: plot_latency(rep, p), "latency_vs_batch.png")])
+    failed = sum("error" in r for r in results)
+    plots = [(lambda p: plot_latency(rep, p), "latency_vs_batch.png")]
     click.echo(md)
-    click.echo(f"reports in {out_dir}")
-    if any("error" in r for r in results):
+    _report(out_dir, "latency", rep, md, plots, f"{failed} of {len(results)} model(s) failed" if failed else None)
+    if failed:
         sys.exit(1)
 
 
@@ -228,7 +229,6 @@ def parity(reference, models, data_dir, max_dice_drop, latency_report, quick, ou
         parity_markdown,
         plot_dice_bars,
         plot_dice_vs_latency,
-        write_reports,
     )
 
     if quick:
@@ -253,9 +253,10 @@ def parity(reference, models, data_dir, max_dice_drop, latency_report, quick, ou
         lat = load_json(latency_report)
         plots.append((lambda p: plot_dice_vs_latency(rep, lat, p), "dice_vs_latency.png"))
     md = parity_markdown(rep)
-    write_reports(out_dir, "parity", rep, md, plots)
+    errors = sum(bool(r.get("error")) for r in res["models"].values())
     click.echo(md)
-    click.echo(f"reports in {out_dir}")
+    # a model failing the Dice gate is a measurement; one that could not be run is a failed run
+    _report(out_dir, "parity", rep, md, plots, f"{errors} model(s) could not be measured" if errors else None)
     if not all(r.get("pass") for r in res["models"].values()):
         sys.exit(1)
 
@@ -345,18 +346,34 @@ def score(pred_dir, label_dir, out_dir) -> None:
     from runtime.metrics import format_table, markdown_table
 
     from .parity import score as run
-    from .report import envelope, write_reports
+    from .report import envelope
 
     res = run(pred_dir, label_dir)
     if res["per_case"]:
         click.echo(format_table(res["per_case"], res["summary"]))
     for p in res["problems"]:
         click.echo(f"skipped: {p}", err=True)
-    if out_dir:
-        md = markdown_table(res["per_case"], res["summary"]) if res["per_case"] else "(no matched cases)"
-        write_reports(out_dir, "score", envelope("score", res), md + "\n", [])
+    if out_dir and res["per_case"]:
+        md = markdown_table(res["per_case"], res["summary"]) + "\n"
+        why = f"{len(res['problems'])} file(s) not scored" if res["problems"] else None
+        _report(out_dir, "score", envelope("score", res), md, [], why)
+    elif out_dir:
+        click.echo(f"no case scored: no report written; {out_dir} is left as it was", err=True)
     if res["problems"] or not res["per_case"]:
         sys.exit(1)
+
+
+def _report(out_dir: Path, stem: str, rep: dict, md: str, plots: list, failure: str | None) -> None:
+    """Write a run's reports; a run that failed writes <stem>.failed.json/.md (no plots) instead,
+    so a good <stem>.json from an earlier run is never replaced by a failed run's."""
+    from .report import write_reports
+
+    if not failure:
+        write_reports(out_dir, stem, rep, md, plots)
+        click.echo(f"reports in {out_dir}")
+        return
+    write_reports(out_dir, f"{stem}.failed", {**rep, "failed": failure}, md, [])
+    click.echo(f"{failure}: report in {out_dir / (stem + '.failed.json')}; {stem}.json left as it was", err=True)
 
 
 def main() -> None:

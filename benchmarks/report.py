@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 from runtime.errors import require
-from runtime.io import write_bytes_atomic, write_json_atomic
+from runtime.io import write_bytes_atomic
 from runtime.metrics import markdown_table
 
 from .machine import machine
@@ -276,11 +276,18 @@ def plot_dice_vs_latency(parity_rep: dict, latency_rep: dict, path: Path) -> Pat
 
 
 def write_reports(out_dir: Path, stem: str, rep: dict, markdown: str, plots: list) -> list[Path]:
+    """Write <stem>.json and <stem>.md together (both or neither, never half a report), then the
+    plots. Callers write only a run that succeeded, so a good report is never replaced by a
+    failed run's."""
+    from runtime.outputs import json_bytes, write_group_atomic
+
     out_dir.mkdir(parents=True, exist_ok=True)
-    written = [
-        write_json_atomic(out_dir / f"{stem}.json", rep),
-        write_bytes_atomic(out_dir / f"{stem}.md", markdown.encode()),
-    ]
+    written = write_group_atomic(
+        [
+            (out_dir / f"{stem}.md", markdown.encode()),
+            (out_dir / f"{stem}.json", json_bytes(rep)),
+        ]
+    )
     for fn, name in plots:
         try:
             written.append(fn(out_dir / name))

@@ -15,10 +15,13 @@ from .cliutil import DEBUG_OPTION, EXIT_FAILED, run_cli
 from .errors import InputError, SegError
 
 
-def expand_inputs(inputs: tuple[str, ...]) -> list[Path]:
+def expand_inputs(inputs: tuple[str, ...], echo=click.echo) -> list[Path]:
     """Files, directories (their CT images: label maps of a LiTS or Decathlon dataset are left out)
-    and glob patterns, in a stable order."""
+    and glob patterns, in a stable order. Masks and probability maps seg-run wrote are never
+    inputs (``seg-run same -o same`` twice must not segment its own masks): they are left out,
+    with one note."""
     from .datasets import images_in
+    from .outputs import is_our_output
 
     paths: list[Path] = []
     for item in inputs:
@@ -35,13 +38,25 @@ def expand_inputs(inputs: tuple[str, ...]) -> list[Path]:
             paths += found
         else:
             paths.append(p)  # a missing file is reported per volume, and the rest still run
-    return list(dict.fromkeys(paths))
+    paths = list(dict.fromkeys(paths))
+    ours = [p for p in paths if is_our_output(p)]
+    if ours:
+        if len(ours) == len(paths):
+            raise InputError(
+                f"{ours[0]}{' and the other inputs' if len(ours) > 1 else ''}: seg-run's own output, never an input; "
+                "give the CT volumes"
+            )
+        echo(f"note: left out {len(ours)} mask(s) or probability map(s) seg-run wrote (e.g. {ours[0]})", err=True)
+        paths = [p for p in paths if p not in set(ours)]
+    return paths
 
 
 def check_output_dir(out: Path) -> None:
+    from .outputs import temp_prefix
+
     try:
         out.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=out, prefix=".probe-"):
+        with tempfile.NamedTemporaryFile(dir=out, prefix=temp_prefix(), suffix=".part"):
             pass
     except OSError as exc:
         raise InputError(f"{out}: cannot write the output directory ({exc.strerror}); choose a writable -o") from exc
@@ -65,62 +80,97 @@ def segment_files(
     echo=click.echo,
     probabilities: bool = False,
     min_tumour_ml: float = 0.0,
+    names: dict[Path, str] | None = None,
 ) -> dict[Path, dict | str]:
-    """Segment each file; returns {path: report dict, or the error line}. One bad volume never stops the rest."""
-    from .io import (
-        case_name,
-        intensity_warning,
-        probability_image,
-        write_json_atomic,
-        write_mask,
-        write_nifti,
-    )
+    """Segment each file; returns {path: report dict, or the error line}. One bad volume never stops the rest.
+
+    Outputs are <name>_seg.nii.gz and <name>.json (and <name>_prob.nii.gz, <name>_overlay.png),
+    where ``names`` gives an input's base name (default: runtime.outputs.output_names, unique
+    per input); two inputs given one name are refused before anything runs. A volume's files are
+    written all or nothing, the JSON last, recording the sha256 of input, model and mask, so
+    ``skip_existing`` skips only a mask verified to be this input's with this model.
+    """
+    from concurrent.futures import ThreadPoolExecutor
+
+    from .io import intensity_warning, mask_image, nifti_bytes, probability_image
     from .models import file_sha256
-    from .pipeline import Timings, read_ahead, segment_canonical
+    from .outputs import (
+        DiskFullError,
+        check_names,
+        json_bytes,
+        output_names,
+        remove_stale_temps,
+        sha256_bytes,
+        why_not_done,
+        write_group_atomic,
+    )
+    from .pipeline import SegmentOptions, Timings, read_ahead, segment_canonical
     from .postprocess import StreamingComponents, drop_small_tumours, volume_stats, voxels_for_ml
     from .postprocess import postprocess as post
 
+    chosen = {**output_names(paths), **{Path(k): v for k, v in (names or {}).items()}}
+    check_names({p: chosen[p] for p in paths})
+    removed = remove_stale_temps(out_dir)
+    if removed:
+        echo(f"note: removed {len(removed)} temporary file(s) an interrupted run left in {out_dir}", err=True)
+
     results: dict[Path, dict | str] = {}
     model_hash = file_sha256(backend.path) if getattr(backend, "path", None) else None
+    settings = {"postprocess": postprocess, "fill_holes": holes, "min_tumour_ml": min_tumour_ml}
+    hashes: dict[Path, str] = {}
+
+    def input_sha(p: Path) -> str:
+        if p not in hashes:
+            hashes[p] = file_sha256(p)
+        return hashes[p]
+
+    def outputs(p: Path) -> tuple[str, Path, Path]:
+        name = chosen[p]
+        return name, out_dir / f"{name}_seg.nii.gz", out_dir / f"{name}.json"
+
     todo = []
     for p in paths:
-        name = case_name(p)
-        mask_path, json_path = out_dir / f"{name}_seg.nii.gz", out_dir / f"{name}.json"
+        name, mask_path, json_path = outputs(p)
         if p.exists() and p.resolve() in (mask_path.resolve(), json_path.resolve()):
             results[p] = f"{p}: the output would overwrite the input; choose another -o"
             echo(f"error: {results[p]}", err=True)
             continue
-        if skip_existing and mask_path.exists() and json_path.exists():
-            results[p] = {"skipped": True, "mask": str(mask_path)}
-            echo(f"{p}: done already, skipped")
-            continue
+        if skip_existing:
+            prob_path = out_dir / f"{name}_prob.nii.gz" if probabilities else None
+            try:
+                why = why_not_done(json_path, mask_path, lambda p=p: input_sha(p), model_hash, settings, prob_path)
+            except OSError as exc:  # the input itself is unreadable: its own run reports it
+                why = f"cannot check it ({exc.strerror})"
+            if why is None:
+                results[p] = {"skipped": True, "mask": str(mask_path)}
+                echo(f"{p}: done already, skipped (mask verified against its JSON)")
+                continue
+            if json_path.exists() or mask_path.exists():
+                echo(f"{p}: not skipped: {why}; segmenting it again", err=True)
         todo.append(p)
     overall = _bar(len(todo), "volumes", "vol")
+    hasher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sha256")
     done_at = time.perf_counter()  # when the previous volume was finished
     for p, opened, done in read_ahead(todo):
-        name = case_name(p)
-        mask_path, json_path = out_dir / f"{name}_seg.nii.gz", out_dir / f"{name}.json"
+        name, mask_path, json_path = outputs(p)
         t = Timings()
         try:
+            hashed = hasher.submit(input_sha, p)  # beside the read; hashlib lets the GIL go
             vol = opened.result()  # its slices may still be arriving: segmentation follows them
             bar = _bar(vol.num_slices, name, "slice", leave=False)
             prob = np.empty((backend.spec.out_channels, *vol.data.shape), np.uint8) if probabilities else None
             labels = np.empty(vol.data.shape, np.uint8)
             components = StreamingComponents(labels) if postprocess else None  # labelled while inference goes on
-            segment_canonical(
-                vol.data,
-                vol.spacing,
-                backend.spec,
-                None,
-                batch_size,
-                t,
+            options = SegmentOptions(
+                batch_size=batch_size,
+                timings=t,
                 progress=bar.update,
-                backend=backend,
                 probabilities=prob,
                 arrival=vol.arrival,
                 out=labels,
                 on_final=components.add if components else None,
             )
+            segment_canonical(vol.data, vol.spacing, backend.spec, backend, options)
             bar.close()
             read_s, read_began = done.result()  # a stream that fails its final checksum stops here, before any output
             t.add("read", read_s)
@@ -134,22 +184,28 @@ def segment_files(
             stats = volume_stats(labels, vol.spacing)
             t.add("postprocess", time.perf_counter() - s)
             s = time.perf_counter()
-            write_mask(labels, vol, mask_path)
+            files = [(mask_path, nifti_bytes(mask_image(labels, vol), mask_path))]
             prob_path = out_dir / f"{name}_prob.nii.gz" if prob is not None else None
             if prob_path is not None:
-                write_nifti(probability_image(prob, vol), prob_path)
-            t.add("write", time.perf_counter() - s)
+                files.append((prob_path, nifti_bytes(probability_image(prob, vol), prob_path)))
             if overlay:
-                from .overlay import overlay_panel
+                from .overlay import panel_png
 
-                overlay_panel(vol.data, labels, out_dir / f"{name}_overlay.png")
+                files.append((out_dir / f"{name}_overlay.png", panel_png(vol.data, labels)))
+            t.add("write", time.perf_counter() - s)  # serialising; the files themselves are written below
             # this volume's own time: from its read, or from the end of the previous volume
             # if it was read ahead meanwhile
             t.wall = time.perf_counter() - max(read_began, done_at)
             report = {
                 "input": str(p),
+                "input_sha256": hashed.result(),
                 "mask": str(mask_path),
-                **({"probabilities": str(prob_path)} if prob_path else {}),
+                "mask_sha256": sha256_bytes(files[0][1]),
+                **(
+                    {"probabilities": str(prob_path), "probabilities_sha256": sha256_bytes(files[1][1])}
+                    if prob_path
+                    else {}
+                ),
                 **stats,
                 "slices": vol.num_slices,
                 "shape": list(vol.shape),
@@ -161,15 +217,18 @@ def segment_files(
                 "batch_size": batch_size,
                 "model": str(getattr(backend, "path", "")),
                 "model_sha256": model_hash,
-                "postprocess": postprocess,
-                "min_tumour_ml": min_tumour_ml,
+                **settings,
                 "warnings": [warning] if warning else [],
             }
-            write_json_atomic(json_path, report)
+            files.append((json_path, json_bytes(report)))
+            try:
+                write_group_atomic(files)  # all or nothing, the JSON last
+            except DiskFullError as exc:
+                raise DiskFullError(f"{p}: {exc}") from exc
             results[p] = report
             echo(
-                f"{p}: liver {stats['liver_ml']:.0f} mL, tumour {stats['tumor_ml']:.1f} mL in {stats['tumor_count']} lesion(s); "
-                f"{vol.num_slices} slices in {t.wall:.1f}s -> {mask_path}"
+                f"{p}: liver {stats['liver_ml']:.0f} mL, tumour {stats['tumor_ml']:.1f} mL in {stats['tumor_count']} "
+                f"lesion(s); {vol.num_slices} slices in {t.wall:.1f}s -> {mask_path}"
             )
         except SegError as exc:
             results[p] = str(exc)
@@ -178,6 +237,7 @@ def segment_files(
             overall.update(1)
             done_at = time.perf_counter()
     overall.close()
+    hasher.shutdown(wait=True)
     return results
 
 
@@ -222,7 +282,12 @@ def segment_files(
 @click.option(
     "--batch-size", type=click.IntRange(1), default=None, help="Slices per batch (default: chosen per backend)."
 )
-@click.option("--skip-existing", is_flag=True, help="Skip volumes whose mask and JSON already exist (resume a batch).")
+@click.option(
+    "--skip-existing",
+    is_flag=True,
+    help="Skip volumes already done: a mask whose JSON records its sha256, this input's and this model's "
+    "(resume a batch).",
+)
 @click.option("--overlay", is_flag=True, help="Also write <name>_overlay.png with outlines on representative slices.")
 @click.option("--cuda-graph", is_flag=True, help="TensorRT: replay the steady-state batch as a CUDA graph.")
 @click.option("--no-postprocess", is_flag=True, help="Keep every predicted component (no largest-liver filter).")
@@ -261,7 +326,9 @@ def cli(
 ) -> None:
     """Segment liver and liver tumours in CT volumes (NIfTI), writing <name>_seg.nii.gz
     (uint8: 0 background, 1 liver, 2 tumour; the input's geometry) and <name>.json
-    (volumes in mL, tumour count and burden, per-stage timings, backend, model hash).
+    (volumes in mL, tumour count and burden, per-stage timings, backend, sha256 of input, model
+    and mask). Inputs sharing a file name are named by their folders (pats/a/ct.nii.gz: a_ct);
+    seg-run's own masks are never inputs; a volume's files appear together or not at all.
 
     \b
     Examples:

@@ -25,6 +25,6 @@ def predict_labels(
     progress: Callable[[int], None] | None = None,
 ) -> np.ndarray:
     """Canonical (slices, rows, cols) HU -> uint8 labels on the same grid (no postprocessing)."""
-    from .pipeline import segment_canonical
+    from .pipeline import SegmentOptions, segment_canonical
 
-    return segment_canonical(volume, spacing, spec, infer, batch_size, progress=progress)
+    return segment_canonical(volume, spacing, spec, infer, SegmentOptions(batch_size=batch_size, progress=progress))

@@ -368,6 +368,9 @@ def _image_like(arr: np.ndarray, ref: Volume, slope: float) -> nib.Nifti1Image:
     img.set_sform(sform if sform is not None else ref.affine, code=int(scode or 0))
     img.header.set_slope_inter(slope, 0.0)
     img.header["cal_min"], img.header["cal_max"] = 0, 0
+    from .outputs import STAMP
+
+    img.header["descrip"] = STAMP  # recognised as ours, so never read back as an input
     return img
 
 
@@ -399,9 +402,13 @@ def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> Path:
     parent = p.parent if str(p.parent) else Path(".")
     if not parent.is_dir():
         raise InputError(f"{parent}: output directory does not exist; create it first")
-    try:
-        fd, tmp = tempfile.mkstemp(dir=parent, prefix=f".{p.name}.", suffix=".part")
+    from .outputs import _FULL, TEMP_SUFFIX, DiskFullError, disk_full_message, temp_prefix
+
+    try:  # our temp files carry our prefix, so a later run can clear the ones a killed run left
+        fd, tmp = tempfile.mkstemp(dir=parent, prefix=temp_prefix(), suffix=TEMP_SUFFIX)
     except OSError as exc:
+        if exc.errno in _FULL:
+            raise DiskFullError(disk_full_message(parent, exc)) from exc
         raise InputError(f"{parent}: cannot write there ({_reason(exc)}); choose a writable output directory") from exc
     try:
         with os.fdopen(fd, "wb") as f:
@@ -410,11 +417,13 @@ def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> Path:
             os.fsync(f.fileno())
         os.chmod(tmp, 0o644)
         os.replace(tmp, p)
-    except BaseException:
+    except BaseException as exc:
         try:
             os.unlink(tmp)
         except OSError:
             pass
+        if isinstance(exc, OSError) and exc.errno in _FULL:
+            raise DiskFullError(disk_full_message(parent, exc)) from exc
         raise
     return p
 

@@ -81,10 +81,15 @@ def overlay_panel(
     volume_hu: np.ndarray, labels: np.ndarray, path: str | Path, n: int = 3, ref: np.ndarray | None = None
 ) -> Path:
     """Representative canonical slices side by side with outlines (prediction and optional reference)."""
+    return write_bytes_atomic(path, panel_png(volume_hu, labels, n, ref))
+
+
+def panel_png(volume_hu: np.ndarray, labels: np.ndarray, n: int = 3, ref: np.ndarray | None = None) -> bytes:
+    """overlay_panel's PNG as bytes, for writers that commit several files together."""
     picks = representative_slices(ref if ref is not None else labels, n)
     tiles = [overlay(volume_hu[k], labels[k], ref_labels=None if ref is None else ref[k]) for k in picks]
     gap = np.zeros((tiles[0].shape[0], 4, 3), np.uint8)
     panel = tiles[0]
     for t in tiles[1:]:
         panel = np.concatenate([panel, gap, t], axis=1)
-    return write_png(path, panel)
+    return png_bytes(panel)

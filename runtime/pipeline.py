@@ -19,12 +19,16 @@ from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from .io import Arrival, Volume, read_volume
 from .preprocess import SliceBatcher, logits_to_labels, logits_to_probabilities, slice_grid
 from .spec import ModelSpec
+
+if TYPE_CHECKING:
+    from .backends.base import Backend
 
 STAGES = ("read", "preprocess", "infer", "postprocess", "write")
 
@@ -55,37 +59,58 @@ class _Timer:
         self.t.add(self.stage, time.perf_counter() - self.start)
 
 
+@dataclass
+class SegmentOptions:
+    """How segment_canonical runs and where its results go; every field is optional.
+
+    ``batch_size`` slices per batch; ``timings`` collects the stages' seconds; ``progress(n)`` is
+    called as slices finish; ``queue_depth`` preprocessed batches wait at most. ``probabilities``
+    (a (C, slices, rows, cols) uint8 array) is filled with the class probabilities x 255. With an
+    ``arrival`` (a volume still being read), each batch waits for its slices, and batches run in
+    the order the slices arrive. ``out`` (uint8, the volume's shape) receives the labels if given;
+    ``on_final(start, stop)`` is called once those slices' labels are final
+    (runtime.postprocess.StreamingComponents.add labels them then).
+    """
+
+    batch_size: int = 1
+    timings: Timings | None = None
+    progress: Callable[[int], None] | None = None
+    queue_depth: int = 3
+    probabilities: np.ndarray | None = None
+    arrival: Arrival | None = None
+    out: np.ndarray | None = None
+    on_final: Callable[[int, int], None] | None = None
+
+
 def segment_canonical(
     volume: np.ndarray,
     spacing: tuple[float, float, float],
     spec: ModelSpec,
-    infer: Callable[[np.ndarray], np.ndarray] | None,
-    batch_size: int,
-    timings: Timings | None = None,
-    progress: Callable[[int], None] | None = None,
-    queue_depth: int = 3,
-    backend=None,
-    probabilities: np.ndarray | None = None,
-    arrival: Arrival | None = None,
-    out: np.ndarray | None = None,
-    on_final: Callable[[int, int], None] | None = None,
+    model: Backend | Callable[[np.ndarray], np.ndarray],
+    options: SegmentOptions | None = None,
 ) -> np.ndarray:
     """Canonical HU volume -> uint8 labels on the same grid, preprocessing in a producer thread.
 
-    With a ``backend``, batches go through its submit/collect with up to ``backend.in_flight``
-    batches running at once (TensorRT's double buffering, ONNX Runtime's CPU streams) and
-    ``backend.queued`` more waiting for a free stream; otherwise ``infer`` is called.
-    With ``probabilities`` (a (C, slices, rows, cols) uint8 array), it is filled with the
-    class probabilities x 255. With an ``arrival`` (a volume still being read), each batch
-    waits for its slices, and batches run in the order the slices arrive. ``out`` (uint8, the
-    volume's shape) receives the labels if given; ``on_final(start, stop)`` is called once those
-    slices' labels are final (runtime.postprocess.StreamingComponents.add labels them then).
+    ``model`` is a backend or a function from a batch to its logits. Batches go through a
+    backend's submit/collect with up to ``backend.in_flight`` batches running at once
+    (TensorRT's double buffering, ONNX Runtime's CPU streams) and ``backend.queued`` more
+    waiting for a free stream; a function is simply called. See SegmentOptions for the rest.
     """
-    t = timings or Timings()
+    o = options or SegmentOptions()
+    batch_size, progress, probabilities, arrival, on_final = (
+        o.batch_size,
+        o.progress,
+        o.probabilities,
+        o.arrival,
+        o.on_final,
+    )
+    backend = model if hasattr(model, "submit") and hasattr(model, "collect") else None
+    infer = None if backend is not None else model
+    t = o.timings or Timings()
     pre = spec.preprocess
     grid = slice_grid(volume.shape[1:], spacing[1:], pre)
-    out = np.empty(volume.shape, dtype=np.uint8) if out is None else out
-    q: queue.Queue = queue.Queue(maxsize=queue_depth)
+    out = np.empty(volume.shape, dtype=np.uint8) if o.out is None else o.out
+    q: queue.Queue = queue.Queue(maxsize=o.queue_depth)
     stop = threading.Event()
     n = volume.shape[0]
     submit = backend.submit if backend is not None else infer

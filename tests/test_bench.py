@@ -199,10 +199,13 @@ def test_score_agrees_with_hand_computed_dice_and_reports_mismatches(tmp_path, c
     save_nifti(preds / "volume-9_seg.nii.gz", pred, aff)  # no label
     code, out = run_main(cli, ["score", preds, labels, "-o", tmp_path / "rep"], capsys, "seg-bench")
     assert code == 1 and "volume-9_seg.nii.gz: no label with this case name" in out
-    rep = json.loads((tmp_path / "rep" / "score.json").read_text())
+    # a run that could not score every file reports under score.failed.*, never as score.json
+    assert not (tmp_path / "rep" / "score.json").exists()
+    rep = json.loads((tmp_path / "rep" / "score.failed.json").read_text())
     assert rep["per_case"]["volume-3"]["liver"]["dice"] == pytest.approx(0.5)
     assert rep["per_case"]["volume-3"]["tumor"]["note"] == "both empty"
-    assert "| volume-3 | 0.5000 |" in (tmp_path / "rep" / "score.md").read_text()
+    assert "1 file(s) not scored" in rep["failed"]
+    assert "| volume-3 | 0.5000 |" in (tmp_path / "rep" / "score.failed.md").read_text()
 
 
 def test_score_runs_on_masks_written_by_seg_run(tmp_path, capsys):

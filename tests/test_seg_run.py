@@ -67,13 +67,13 @@ def test_streaming_pipeline_equals_simple_batches(tmp_path, model, streams):
     """With any number of batches in flight, every batch lands on its own slices."""
     from runtime.backends.onnxrt import OnnxRuntimeBackend
     from runtime.io import read_volume
-    from runtime.pipeline import segment_canonical
+    from runtime.pipeline import SegmentOptions, segment_canonical
     from runtime.preprocess import logits_to_labels, make_batch, slice_grid
 
     vol = read_volume(write_case(tmp_path / "v.nii.gz"))
     with OnnxRuntimeBackend(model, streams=streams) as be:
         assert be.in_flight == streams
-        streamed = segment_canonical(vol.data, vol.spacing, be.spec, None, 3, backend=be)
+        streamed = segment_canonical(vol.data, vol.spacing, be.spec, be, SegmentOptions(batch_size=3))
         grid = slice_grid(vol.data.shape[1:], vol.spacing[1:], be.spec.preprocess)
         simple = logits_to_labels(
             be.infer(make_batch(vol.data, vol.spacing, be.spec.preprocess, 0, vol.num_slices, grid)), grid
@@ -85,7 +85,7 @@ def test_pipeline_keeps_batches_queued_behind_the_cpu_streams(tmp_path, model):
     """A stream that finishes must find the next batch waiting, not idle until the oldest is collected."""
     from runtime.backends.onnxrt import OnnxRuntimeBackend
     from runtime.io import read_volume
-    from runtime.pipeline import segment_canonical
+    from runtime.pipeline import SegmentOptions, segment_canonical
 
     vol = read_volume(write_case(tmp_path / "v.nii.gz"))
     with OnnxRuntimeBackend(model, streams=2) as be:
@@ -103,7 +103,7 @@ def test_pipeline_keeps_batches_queued_behind_the_cpu_streams(tmp_path, model):
             return collect(token)
 
         be.submit, be.collect = counting_submit, counting_collect
-        segment_canonical(vol.data, vol.spacing, be.spec, None, 1, backend=be)
+        segment_canonical(vol.data, vol.spacing, be.spec, be, SegmentOptions(batch_size=1))
     assert most[0] == be.in_flight + be.queued == 4 and outstanding[0] == 0
 
 
@@ -111,13 +111,13 @@ def test_components_labelled_during_inference_give_the_usual_postprocessing(tmp_
     from runtime.backends.onnxrt import OnnxRuntimeBackend
     from runtime.cli import segment_files
     from runtime.io import read_volume
-    from runtime.pipeline import segment_canonical
+    from runtime.pipeline import SegmentOptions, segment_canonical
     from runtime.postprocess import postprocess
 
     src = write_case(tmp_path / "v.nii.gz", seed=5)
     vol = read_volume(src)
     with OnnxRuntimeBackend(model, streams=2) as be:
-        raw = segment_canonical(vol.data, vol.spacing, be.spec, None, 1, backend=be)
+        raw = segment_canonical(vol.data, vol.spacing, be.spec, be, SegmentOptions(batch_size=1))
         (tmp_path / "out").mkdir()
         report = segment_files([src], be, tmp_path / "out", 1, echo=lambda *a, **k: None)[src]
     mask = np.asarray(nib.load(report["mask"]).dataobj)
@@ -186,7 +186,7 @@ def test_a_failing_batch_stops_the_pipeline_with_its_error(tmp_path, model, monk
     monkeypatch.setattr(rp, "logits_to_labels", flaky)
     vol = read_volume(write_case(tmp_path / "v.nii.gz"))
     with OnnxRuntimeBackend(model) as be, pytest.raises(MemoryError, match="batch 2"):
-        rp.segment_canonical(vol.data, vol.spacing, be.spec, None, 2, backend=be)
+        rp.segment_canonical(vol.data, vol.spacing, be.spec, be, rp.SegmentOptions(batch_size=2))
     assert not [th for th in threading.enumerate() if th.name.startswith(("postprocess", "preprocess", "ort-stream"))]
 
 
@@ -334,7 +334,7 @@ def test_a_streamed_volume_gets_the_mask_of_a_fully_read_one(tmp_path, model, he
     volume for a head-first file): the mask is the one a fully read volume gets."""
     from runtime.backends.onnxrt import OnnxRuntimeBackend
     from runtime.io import read_labels, read_volume
-    from runtime.pipeline import segment_canonical
+    from runtime.pipeline import SegmentOptions, segment_canonical
 
     ph = make_phantom(3, 0, size=64, slices=16)
     img, _ = phantom_images(ph)
@@ -350,7 +350,7 @@ def test_a_streamed_volume_gets_the_mask_of_a_fully_read_one(tmp_path, model, he
     assert r.exit_code == 0, r.output
     vol = read_volume(src)
     with OnnxRuntimeBackend(model) as be:
-        expected = segment_canonical(vol.data, vol.spacing, be.spec, None, 3, backend=be)
+        expected = segment_canonical(vol.data, vol.spacing, be.spec, be, SegmentOptions(batch_size=3))
     np.testing.assert_array_equal(read_labels(tmp_path / "out" / "v_seg.nii.gz").data, expected)
 
 

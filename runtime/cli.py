@@ -11,7 +11,7 @@ from pathlib import Path
 import click
 import numpy as np
 
-from .cliutil import DEBUG_OPTION, EXIT_FAILED, run_cli
+from .cliutil import DEBUG_OPTION, EXIT_FAILED, FiniteFloat, OutPath, check_parallelism, run_cli
 from .errors import InputError, SegError
 
 
@@ -65,12 +65,16 @@ def segment_files(
     echo=click.echo,
     probabilities: bool = False,
     min_tumour_ml: float = 0.0,
+    force: bool = False,
 ) -> dict[Path, dict | str]:
     """Segment each file; returns {path: report dict, or the error line}. One bad volume never stops the rest."""
+    from functools import partial
+
     from .io import (
         case_name,
         intensity_warning,
         probability_image,
+        read_volume,
         write_json_atomic,
         write_mask,
         write_nifti,
@@ -97,7 +101,7 @@ def segment_files(
         todo.append(p)
     overall = _bar(len(todo), "volumes", "vol")
     done_at = time.perf_counter()  # when the previous volume was finished
-    for p, opened, done in read_ahead(todo):
+    for p, opened, done in read_ahead(todo, partial(read_volume, force=force, ct=True)):
         name = case_name(p)
         mask_path, json_path = out_dir / f"{name}_seg.nii.gz", out_dir / f"{name}.json"
         t = Timings()
@@ -130,8 +134,8 @@ def segment_files(
             s = time.perf_counter()
             if postprocess:
                 labels = post(labels, holes=holes, inplace=True, components=components)
-            drop_small_tumours(labels, voxels_for_ml(min_tumour_ml, vol.spacing))
-            stats = volume_stats(labels, vol.spacing)
+            drop_small_tumours(labels, voxels_for_ml(min_tumour_ml, vol.affine))
+            stats = volume_stats(labels, vol.affine)
             t.add("postprocess", time.perf_counter() - s)
             s = time.perf_counter()
             write_mask(labels, vol, mask_path)
@@ -164,6 +168,7 @@ def segment_files(
                 "postprocess": postprocess,
                 "min_tumour_ml": min_tumour_ml,
                 "warnings": [warning] if warning else [],
+                "forced": list(vol.forced),  # checks that refused this volume, let through by --force
             }
             write_json_atomic(json_path, report)
             results[p] = report
@@ -174,6 +179,9 @@ def segment_files(
         except SegError as exc:
             results[p] = str(exc)
             echo(f"error: {exc}", err=True)
+        except Exception as exc:  # anything else wrong with one volume: say it in one line and go on
+            results[p] = f"{p}: {type(exc).__name__}: {' '.join(str(exc).split())[:300]}"
+            echo(f"error: {results[p]}", err=True)
         finally:
             overall.update(1)
             done_at = time.perf_counter()
@@ -193,7 +201,7 @@ def segment_files(
     "-o",
     "--out",
     "out_dir",
-    type=click.Path(path_type=Path),
+    type=OutPath(path_type=Path),
     default=None,
     help="Output directory (created if missing).",
 )
@@ -229,7 +237,7 @@ def segment_files(
 @click.option("--fill-holes", is_flag=True, help="Fill holes in the liver slice by slice.")
 @click.option(
     "--min-tumour-ml",
-    type=click.FloatRange(0),
+    type=FiniteFloat(0),
     default=0.0,
     show_default=True,
     help="Relabel tumour components smaller than this (mL) as liver: specks in a tumour-free liver (0: keep all).",
@@ -239,6 +247,11 @@ def segment_files(
     is_flag=True,
     help="Also write <name>_prob.nii.gz: per-class probabilities (4D, input geometry, "
     "uint8 with scale 1/255; before postprocessing).",
+)
+@click.option(
+    "--force",
+    is_flag=True,
+    help="Segment volumes refused as implausible for a CT (voxel size, intensities); the JSON records why.",
 )
 @DEBUG_OPTION
 def cli(
@@ -258,6 +271,7 @@ def cli(
     fill_holes,
     probabilities,
     min_tumour_ml,
+    force,
 ) -> None:
     """Segment liver and liver tumours in CT volumes (NIfTI), writing <name>_seg.nii.gz
     (uint8: 0 background, 1 liver, 2 tumour; the input's geometry) and <name>.json
@@ -271,6 +285,7 @@ def cli(
     """
     from .models import DEMO_NOTE, demo_model_path, open_backend
 
+    check_parallelism(threads, streams)
     if demo:
         sys.exit(run_demo(model, out_dir, backend, provider, threads, batch_size, streams))
     if not inputs:
@@ -303,6 +318,7 @@ def cli(
             overlay,
             probabilities=probabilities,
             min_tumour_ml=min_tumour_ml,
+            force=force,
         )
     failed = [p for p, r in results.items() if isinstance(r, str)]
     if failed:

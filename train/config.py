@@ -7,6 +7,7 @@ The defaults are the demo edge model: base width 24, depth 4, batch norm, 256x25
 from __future__ import annotations
 
 import json
+import math
 import os
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -150,6 +151,10 @@ class TrainConfig:
 
     def validate(self) -> TrainConfig:
         """Reject impossible combinations with one line that names the option."""
+        for f in fields(self):  # inf and nan pass every comparison below unnoticed
+            v = getattr(self, f.name)
+            if isinstance(v, float) and not math.isfinite(v):
+                raise InputError(f"--{f.name.replace('_', '-')} must be a finite number; got {v}")
         for name, allowed in CHOICES.items():
             if getattr(self, name) not in allowed:
                 raise InputError(

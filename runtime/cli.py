@@ -304,7 +304,7 @@ def cli(
                 f"--batch-size {bs} is above {Path(model).name}'s max batch {be.max_batch}; use --batch-size "
                 f"{be.max_batch} or less, or rebuild the plan with --max-batch {bs}"
             )
-        click.echo(f"backend: {be.describe()}, batch {bs} (--backend {backend} chose {be.name})", err=True)
+        click.echo(f"backend: {be.describe()}, batch {bs} (--backend {backend} chose {be.name})")
         if cuda_graph and be.name != "tensorrt":
             click.echo("note: --cuda-graph applies to TensorRT plans only; ignored", err=True)
         results = segment_files(
@@ -322,7 +322,8 @@ def cli(
         )
     failed = [p for p, r in results.items() if isinstance(r, str)]
     if failed:
-        click.echo(f"{len(failed)} of {len(results)} volume(s) failed", err=True)
+        if len(results) > 1:  # for a single volume its error line says it all
+            click.echo(f"{len(failed)} of {len(results)} volume(s) failed", err=True)
         sys.exit(EXIT_FAILED)
 
 

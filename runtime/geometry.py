@@ -41,11 +41,23 @@ def voxel_volume_ml(geometry: np.ndarray | Sequence[float]) -> float:
     return float(abs(np.linalg.det(m))) / 1000.0
 
 
-def geometry_problems(header, affine: np.ndarray, spacing: tuple[float, float, float]) -> list[str]:
-    """Why the geometry is implausible for a CT (empty when it is fine). ``spacing`` is canonical (z, y, x)."""
+def stored_pixdim(path: str | os.PathLike, header) -> np.ndarray:
+    """The voxel size as the file stores it: nibabel replaces a zero or negative one when loading."""
+    opener = gzip.open if str(path).endswith(".gz") else open
+    with opener(path, "rb") as f:
+        block = f.read(header.sizeof_hdr)
+    raw = type(header)(binaryblock=block, endianness=header.endianness, check=False)
+    return np.asarray(raw["pixdim"][1:4], float)
+
+
+def geometry_problems(
+    header, affine: np.ndarray, spacing: tuple[float, float, float], path: str | os.PathLike | None = None
+) -> list[str]:
+    """Why the geometry is implausible for a CT (empty when it is fine). ``spacing`` is canonical (z, y, x);
+    with ``path`` the voxel size the file stores is checked too."""
     problems = []
-    coded = int(header.get("qform_code", 0)) > 0 or int(header.get("sform_code", 0)) > 0
-    pixdim = np.asarray(header.get("pixdim", np.ones(8)), float)[1:4]
+    coded = int(header["qform_code"]) > 0 or int(header["sform_code"]) > 0
+    pixdim = stored_pixdim(path, header) if path is not None else np.asarray(header["pixdim"][1:4], float)
     if not coded and not (np.all(np.isfinite(pixdim)) and np.all(pixdim > 0)):
         problems.append(
             f"voxel size (pixdim) {_mm(pixdim)} mm is zero, negative or NaN and the file has no orientation "

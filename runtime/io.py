@@ -155,7 +155,8 @@ def load_image(path: str | os.PathLike) -> nib.Nifti1Image:
     if not os.access(p, os.R_OK):
         raise InputError(f"{p}: cannot read the file (permission denied)")
     try:
-        img = nib.load(str(p))
+        with nib.imageglobals.LoggingOutputSuppressor():  # nibabel logs the header fields it mends
+            img = nib.load(str(p))
     except Exception as exc:  # nibabel raises several types for garbage/truncated headers
         raise InputError(f"{p}: cannot be read as NIfTI ({_reason(exc)}); is the file complete?") from exc
     if not isinstance(img, (nib.Nifti1Image, nib.Nifti2Image)):
@@ -295,7 +296,7 @@ def read_volume(
     check_affine(affine, path)
     ornt = io_orientation(affine)
     spacing = canonical_spacing(affine, ornt)
-    forced = geometry_problems(img.header, affine, spacing)
+    forced = geometry_problems(img.header, affine, spacing, path)
     if forced and not force:
         raise InputError(f"{path}: {forced[0]}; check the file's header, or pass --force to segment it anyway")
     check_file_holds(img, path)

@@ -510,3 +510,64 @@ def test_hostile_input_is_refused_cleanly(name, world, tmp_path, capsys, monkeyp
         assert words.lower() in line.lower(), line
     assert snapshot(case) == before, "files appeared, vanished or changed"
     assert snapshot(world.root) == shared, "an input changed"
+
+
+def test_a_header_that_needs_more_memory_than_is_free_is_refused_before_allocating(tmp_path, world, capsys):
+    from runtime.geometry import MEMORY_FACTOR, available_memory
+
+    free = available_memory()
+    if free is None or free > 64e9:
+        pytest.skip("needs a known amount of free memory below 64 GB")
+    n = int(free / MEMORY_FACTOR * 1.2 / 2 / 512 / 512) + 1  # int16 slices: a little more than is free
+    hdr = nib.Nifti1Header()
+    hdr.set_data_shape((512, 512, n))
+    hdr.set_data_dtype(np.int16)
+    hdr.set_qform(np.diag([0.8, 0.8, 1.0, 1.0]), code=1)
+    src = tmp_path / "huge.nii.gz"
+    with open(src, "wb") as f:  # big enough that deflate could hold the voxels: only memory stands in the way
+        body = np.random.default_rng(0).bytes(2 * 512 * 512 * n // 1000)
+        f.write(gzip.compress(hdr.binaryblock + b"\0" * 4 + body, compresslevel=1))
+    out = tmp_path / "out"
+    out.mkdir()
+    _, line = run_refused(cli_of("seg-run"), "seg-run", [src, "--model", world.model, "-o", out], capsys)
+    assert "of memory" in line and list(out.iterdir()) == []
+
+
+def test_bad_volumes_do_not_stop_the_batch(tmp_path, world, capsys):
+    """Volumes that fail in different ways are reported one line each; the good ones are segmented."""
+    from runtime.cliutil import run_cli
+
+    bad = [
+        header_only(tmp_path / "a-huge.nii", (4000,) * 3, False),
+        truncated(world.ct, tmp_path / "b-truncated.nii.gz"),
+        nii(tmp_path / "c-flat.nii.gz", np.zeros((SIZE, SIZE, SLICES), np.int16)),
+    ]
+    good = tmp_path / "d-good.nii.gz"
+    good.write_bytes(world.ct.read_bytes())
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exc:
+        run_cli(cli_of("seg-run"), "seg-run", [str(tmp_path), "--model", str(world.model), "-o", str(tmp_path / "o")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert exc.value.code == 1
+    assert err[-1] == "3 of 4 volume(s) failed" and len(err) == 4, err
+    assert all(line.startswith("error: ") and name.name in line for line, name in zip(err, bad))
+    assert sorted(p.name for p in (tmp_path / "o").iterdir()) == ["d-good.json", "d-good_seg.nii.gz"]
+
+
+def test_every_json_we_write_is_strict(tmp_path):
+    import json
+
+    from runtime.io import write_json_atomic
+    from runtime.spec import ModelSpec
+
+    def refuse(word):
+        raise ValueError(f"{word} is not JSON")
+
+    path = write_json_atomic(tmp_path / "r.json", {"a": float("nan"), "b": [np.float32("inf"), 2], "c": 1.5})
+    assert json.loads(path.read_text(), parse_constant=refuse) == {"a": None, "b": [None, 2], "c": 1.5}
+    from dataclasses import replace
+
+    spec = replace(threshold_spec(SIZE), parity={"max_abs_diff": float("nan")})
+    text = spec.to_json()
+    assert json.loads(text, parse_constant=refuse)["parity"] == {"max_abs_diff": None}
+    assert ModelSpec.from_json(text).preprocess == spec.preprocess

@@ -90,7 +90,7 @@ def not_ct_reason(data: np.ndarray) -> str | None:
     p1, p99 = (float(v) for v in np.percentile(sample, [1, 99]))
     if p99 - p1 < 50:
         return f"intensities span only {p1:.4g}..{p99:.4g} (1st-99th percentile): not a CT in HU"
-    if p99 > 5000 or p1 < -3100:
+    if p99 > 5000:  # not the low end: padding outside the field of view may be stored as -32768
         return f"intensities span {p1:.0f}..{p99:.0f} (1st-99th percentile), beyond the -1024..+3071 HU of CT"
     if p99 < -500:
         return f"intensities span {p1:.0f}..{p99:.0f} HU (1st-99th percentile): air only, no tissue"

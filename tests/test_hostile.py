@@ -209,6 +209,11 @@ def stride_model(path: Path) -> Path:
     return path
 
 
+def noise(n: int) -> bytes:
+    """Garbage bytes, the same on every run."""
+    return np.random.default_rng(n).bytes(n)
+
+
 def fifo(path: Path) -> Path:
     os.mkfifo(path)
     return path
@@ -274,7 +279,7 @@ CASES = {
     "truncated-gzip": seg_run(lambda c, w: truncated(w.ct, c / "t.nii.gz"), words="truncated"),
     "truncated-gzip-tail": seg_run(lambda c, w: truncated(w.ct, c / "t.nii.gz", 0.97), words="truncated"),
     "corrupt-gzip": seg_run(lambda c, w: corrupt_gzip(w.ct, c / "c.nii.gz")),
-    "garbage-nii": seg_run(lambda c, w: (c / "g.nii").write_bytes(os.urandom(2000)) or c / "g.nii"),
+    "garbage-nii": seg_run(lambda c, w: (c / "g.nii").write_bytes(noise(2000)) or c / "g.nii"),
     "truncated-nii": seg_run(
         lambda c, w: truncated(nii(c / "full.nii", ct_array()), c / "t.nii", 0.6), words="truncated"
     ),
@@ -290,7 +295,10 @@ CASES = {
         lambda c, w: nii(c / "a.nii.gz", np.where(ct_array(np.float32) > 0, np.nan, ct_array(np.float32))),
         words="NaN or Inf",
     ),
-    "inf-voxels": seg_run(lambda c, w: nii(c / "a.nii.gz", ct_array(np.float32) * np.inf), words="NaN or Inf"),
+    "inf-voxels": seg_run(
+        lambda c, w: nii(c / "a.nii.gz", np.where(ct_array() > 0, np.inf, -1000.0).astype(np.float32)),
+        words="NaN or Inf",
+    ),
     "complex-voxels": seg_run(lambda c, w: nii(c / "a.nii.gz", ct_array(np.complex64)), words="complex"),
     "rgb-voxels": seg_run(lambda c, w: rgb_volume(c / "a.nii.gz"), words="voxel type"),
     "scale-1e38": seg_run(lambda c, w: with_header(c / "a.nii.gz", big_slope), words="NaN or Inf"),
@@ -337,12 +345,12 @@ CASES = {
     # --- seg-run: models
     "model-missing": run_with(lambda c, w: c / "none.onnx", words="no such model"),
     "model-directory": run_with(lambda c, w: (c / "m.onnx").mkdir() or c / "m.onnx", words="is a directory"),
-    "model-garbage": run_with(lambda c, w: (c / "m.onnx").write_bytes(os.urandom(300)) or c / "m.onnx"),
+    "model-garbage": run_with(lambda c, w: (c / "m.onnx").write_bytes(noise(300)) or c / "m.onnx"),
     "model-empty": run_with(lambda c, w: (c / "m.onnx").write_bytes(b"") or c / "m.onnx"),
     "model-without-spec": run_with(lambda c, w: threshold_model(c / "m.onnx", spec_json=False), words="no spec"),
     "model-output-half-size": run_with(lambda c, w: stride_model(c / "m.onnx"), words="32x32"),
     "tensorrt-with-onnx": run_with(lambda c, w: w.model, "--backend", "tensorrt", words="not a TensorRT plan"),
-    "garbage-plan": run_with(lambda c, w: (c / "m.plan").write_bytes(os.urandom(300)) or c / "m.plan"),
+    "garbage-plan": run_with(lambda c, w: (c / "m.plan").write_bytes(noise(300)) or c / "m.plan"),
     # --- seg-run: options
     "threads-100000": seg_run(good, "--threads", "100000", words="at most"),
     "streams-1000": seg_run(good, "--streams", "1000", words="at most"),
@@ -467,7 +475,7 @@ def _empty(p: Path) -> Path:
 
 
 def _garbage(p: Path) -> Path:
-    p.write_bytes(os.urandom(500))
+    p.write_bytes(noise(500))
     return p
 
 
@@ -500,7 +508,7 @@ def test_hostile_input_is_refused_cleanly(name, world, tmp_path, capsys, monkeyp
     out = case / "out"
     out.mkdir(parents=True)
     (out / "keep.txt").write_text("results of an earlier run\n")
-    (out / "earlier_seg.nii.gz").write_bytes(os.urandom(256))
+    (out / "earlier_seg.nii.gz").write_bytes(noise(256))
     (out / "earlier.json").write_text('{"liver_ml": 1500.0}\n')
     monkeypatch.chdir(case)  # whatever is written to the working directory lands here, and is seen
     argv = build(case, out, world)

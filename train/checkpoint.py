@@ -7,6 +7,7 @@ file from elsewhere never executes code.
 from __future__ import annotations
 
 import io
+import warnings
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -59,7 +60,11 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
     if p.stat().st_size == 0:
         raise InputError(f"{p}: the checkpoint file is empty; was the copy or the training interrupted?")
     try:
-        obj = torch.load(p, map_location="cpu", weights_only=True)
+        with (
+            warnings.catch_warnings()
+        ):  # torch warns about the pickle protocol of a foreign file; we refuse it in one line
+            warnings.simplefilter("ignore")
+            obj = torch.load(p, map_location="cpu", weights_only=True)
     except (zipfile.BadZipFile, EOFError, RuntimeError, ValueError, OSError) as exc:
         raise InputError(f"{p}: not a readable checkpoint ({_first_line(exc)}); is it complete?") from exc
     except Exception as exc:  # weights_only refuses pickled objects: not one of ours

@@ -423,6 +423,9 @@ CASES = {
         ],
         "shape",
     ),
+    "fit-threads-100000": cmd(
+        "seg-train", lambda c, o, w: ["fit", w.data, "--out", o / "run", "--threads", "100000"], "at most"
+    ),
     "fit-lr-nan": cmd("seg-train", lambda c, o, w: ["fit", w.data, "--out", o / "run", "--lr", "nan"], "finite"),
     "fit-lr-inf": cmd("seg-train", lambda c, o, w: ["fit", w.data, "--out", o / "run", "--lr", "inf"], "finite"),
     "fit-config-garbage": cmd(

@@ -186,6 +186,10 @@ class TrainConfig:
         ):
             if getattr(self, name) < 0:
                 raise InputError(f"--{name.replace('_', '-')} must be >= 0; got {getattr(self, name)}")
+        cores = os.cpu_count() or 1
+        for name, limit in (("threads", 4 * cores), ("workers", 4 * cores)):  # more only cost memory
+            if getattr(self, name) > limit:
+                raise InputError(f"--{name} {getattr(self, name)} on {cores} core(s); at most {limit} (4 per core)")
         if self.split_seed < -1:
             raise InputError(f"--split-seed must be >= 0, or -1 to use --seed; got {self.split_seed}")
         if self.cache_volumes < 1:

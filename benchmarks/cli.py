@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from runtime.cliutil import DEBUG_OPTION, run_cli
+from runtime.cliutil import DEBUG_OPTION, FiniteFloat, OutPath, check_parallelism, run_cli
 from runtime.errors import InputError
 
 
@@ -43,14 +43,19 @@ def _volumes(volumes: Path | None, quick: bool, tmp: Path) -> list[str]:
         img, _ = phantom_images(make_phantom(seed=4321, index=0, size=512, slices=40 if quick else 200))
         write_nifti(img, tmp / "phantom.nii.gz")
         return [str(tmp / "phantom.nii.gz")]
-    if volumes.is_file():
-        return [str(volumes)]
     from runtime.datasets import images_in
+    from runtime.io import read_volume
 
-    paths = [str(p) for p in images_in(volumes)]
-    if not paths:
-        raise InputError(f"{volumes}: no NIfTI volumes found")
-    return paths[:1] if quick else paths
+    if volumes.is_dir():
+        paths = [str(p) for p in images_in(volumes)]
+        if not paths:
+            raise InputError(f"{volumes}: no NIfTI volumes found")
+    else:
+        paths = [str(volumes)]
+    paths = paths[:1] if quick else paths
+    for p in paths:  # a volume that cannot be read is refused before any timing, not reported as a result
+        read_volume(p)
+    return paths
 
 
 @cli.command()
@@ -98,9 +103,7 @@ def _volumes(volumes: Path | None, quick: bool, tmp: Path) -> list[str]:
     help="Also time the seed-style PyTorch eager baseline on these weights.",
 )
 @click.option("--quick", is_flag=True, help="A one-minute smoke run: one batch size, few repeats, a small volume.")
-@click.option(
-    "-o", "--out", "out_dir", type=click.Path(path_type=Path), default=Path("bench-latency"), show_default=True
-)
+@click.option("-o", "--out", "out_dir", type=OutPath(path_type=Path), default=Path("bench-latency"), show_default=True)
 def latency(
     models,
     volumes,
@@ -128,11 +131,15 @@ def latency(
 
     from tqdm import tqdm
 
+    from runtime.io import check_creatable_dir
+
     from .latency import run_worker
     from .machine import matmul_peak_gflops
     from .report import envelope, latency_markdown, latency_ratios, plot_latency
 
     bl = _ints(batches)
+    check_parallelism(threads, streams)
+    check_creatable_dir(out_dir)
     if quick:
         bl, repeats, warmup, volume_repeats = bl[:1] if len(bl) == 1 else [4], 5, 1, 1
     with tempfile.TemporaryDirectory() as tmp:
@@ -201,16 +208,14 @@ def latency(
     type=click.Path(path_type=Path),
     help="Labelled volumes (LiTS or Decathlon layout).",
 )
-@click.option("--max-dice-drop", default=0.01, show_default=True, type=float)
+@click.option("--max-dice-drop", default=0.01, show_default=True, type=FiniteFloat(0))
 @click.option(
     "--latency-report",
     type=click.Path(path_type=Path),
     help="latency.json from seg-bench latency, for the Dice-vs-latency chart.",
 )
 @click.option("--quick", is_flag=True, help="Only the first case.")
-@click.option(
-    "-o", "--out", "out_dir", type=click.Path(path_type=Path), default=Path("bench-parity"), show_default=True
-)
+@click.option("-o", "--out", "out_dir", type=OutPath(path_type=Path), default=Path("bench-parity"), show_default=True)
 def parity(reference, models, data_dir, max_dice_drop, latency_report, quick, out_dir) -> None:
     """Every model against the reference (an FP32 checkpoint or ONNX) on labelled volumes:
     LiTS metrics vs ground truth, Dice vs the reference, argmax agreement, max logit
@@ -222,6 +227,8 @@ def parity(reference, models, data_dir, max_dice_drop, latency_report, quick, ou
     """
     from tqdm import tqdm
 
+    from runtime.io import check_creatable_dir
+
     from .parity import parity as run
     from .report import (
         envelope,
@@ -231,6 +238,7 @@ def parity(reference, models, data_dir, max_dice_drop, latency_report, quick, ou
         plot_dice_vs_latency,
     )
 
+    check_creatable_dir(out_dir)
     if quick:
         import tempfile
 
@@ -332,7 +340,7 @@ def train_step(widths, depth, batch, crop, context, repeats, warmup, threads, de
 @click.argument("pred_dir", type=click.Path(path_type=Path))
 @click.argument("label_dir", type=click.Path(path_type=Path))
 @click.option(
-    "-o", "--out", "out_dir", type=click.Path(path_type=Path), default=None, help="Write score.json and score.md here."
+    "-o", "--out", "out_dir", type=OutPath(path_type=Path), default=None, help="Write score.json and score.md here."
 )
 def score(pred_dir, label_dir, out_dir) -> None:
     """The LiTS metric table (per case and global) for any predictions against labels,
@@ -343,11 +351,14 @@ def score(pred_dir, label_dir, out_dir) -> None:
     Example:
       seg-run data/heldout -o preds/ --model model.onnx && seg-bench score preds/ data/heldout
     """
+    from runtime.io import check_creatable_dir
     from runtime.metrics import format_table, markdown_table
 
     from .parity import score as run
     from .report import envelope
 
+    if out_dir is not None:
+        check_creatable_dir(out_dir)
     res = run(pred_dir, label_dir)
     if res["per_case"]:
         click.echo(format_table(res["per_case"], res["summary"]))

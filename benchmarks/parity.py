@@ -102,10 +102,10 @@ def parity(
             if progress:
                 progress(stop - start)
         ref_pp = postprocess(ref_raw)
-        ref_cases[c.name] = case_metrics(ref_pp, gt, vol.spacing)
+        ref_cases[c.name] = case_metrics(ref_pp, gt, vol.spacing, affine=vol.affine)
         for m in opened:
             pp = postprocess(raws[m])
-            met = case_metrics(pp, gt, vol.spacing)
+            met = case_metrics(pp, gt, vol.spacing, affine=vol.affine)
             row = {
                 "metrics": met,
                 "agreement": float((raws[m] == ref_raw).mean()),
@@ -163,11 +163,26 @@ def label_files(label_dir: str | Path) -> dict[str, tuple[str, Path]]:
     return files
 
 
+def _refuse_dataset_as_predictions(root: Path, label_dir: Path) -> None:
+    """Refuse a labelled dataset (CT images beside their labels) given where predictions belong:
+    most likely the two arguments are swapped, and scoring would silently treat labels as predictions."""
+    try:
+        cases, _ = discover(root)
+    except InputError:
+        return
+    if cases and not any(case_name(p).endswith("_seg") for p in nifti_files(root)):
+        raise InputError(
+            f"{root}: holds CT images with their labels (a dataset), not predictions; "
+            f"the order is PRED_DIR LABEL_DIR: seg-bench score {label_dir} {root}"
+        )
+
+
 def score(pred_dir: str | Path, label_dir: str | Path) -> dict:
     """The LiTS table for predictions matched to labels by case name; unmatched names are reported."""
     root = Path(pred_dir)
     if not root.is_dir():
         raise InputError(f"{root}: not a directory of predictions")
+    _refuse_dataset_as_predictions(root, Path(label_dir))
     preds = {_key(case_name(p)): p for p in nifti_files(root)}
     labels = label_files(label_dir)
     per_case, problems = {}, []
@@ -183,7 +198,7 @@ def score(pred_dir: str | Path, label_dir: str | Path) -> dict:
             pred, ref = read_labels(preds[key]), read_labels(label_path)
             if pred.data.shape != ref.data.shape or not np.allclose(pred.affine, ref.affine, atol=1e-3):
                 raise InputError("prediction and label are not on the same grid")
-            per_case[name] = case_metrics(pred.data, ref.data, ref.spacing)
+            per_case[name] = case_metrics(pred.data, ref.data, ref.spacing, affine=ref.affine)
         except SegError as exc:
             problems.append(f"{preds[key].name}: {exc}")
     return {"per_case": per_case, "summary": summarize(per_case) if per_case else None, "problems": problems}

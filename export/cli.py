@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from runtime.cliutil import DEBUG_OPTION, run_cli
+from runtime.cliutil import DEBUG_OPTION, FiniteFloat, OutPath, run_cli
 from runtime.errors import InputError
 
 
@@ -31,7 +31,7 @@ def _cases(data_dir: Path, what: str):
 
 @cli.command("onnx")
 @click.argument("checkpoint", type=click.Path(path_type=Path))
-@click.option("-o", "--out", required=True, type=click.Path(path_type=Path), help="Output .onnx file.")
+@click.option("-o", "--out", required=True, type=OutPath(path_type=Path), help="Output .onnx file.")
 @click.option(
     "--verify-data",
     type=click.Path(path_type=Path),
@@ -72,7 +72,7 @@ def onnx_cmd(checkpoint: Path, out: Path, verify_data: Path | None, opset: int) 
     "--max-dice-drop",
     default=0.01,
     show_default=True,
-    type=float,
+    type=FiniteFloat(0),
     help="Refuse the model if any case loses more Dice (per class).",
 )
 @click.option(
@@ -81,7 +81,7 @@ def onnx_cmd(checkpoint: Path, out: Path, verify_data: Path | None, opset: int) 
     help="INT8: also quantize the first and the output convolution (by default "
     "they stay float: about 1% of the FLOPs, and the most sensitive layers).",
 )
-@click.option("-o", "--out", required=True, type=click.Path(path_type=Path))
+@click.option("-o", "--out", required=True, type=OutPath(path_type=Path))
 def quantize(
     model: Path,
     precision: str,
@@ -139,7 +139,7 @@ def quantize(
 @cli.command("build-engine")
 @click.argument("model", type=click.Path(path_type=Path))
 @click.option(
-    "-o", "--out", required=True, type=click.Path(path_type=Path), help="Output plan; its sidecar goes to OUT.json."
+    "-o", "--out", required=True, type=OutPath(path_type=Path), help="Output plan; its sidecar goes to OUT.json."
 )
 @click.option(
     "--precision",

@@ -11,7 +11,7 @@ from pathlib import Path
 import click
 import numpy as np
 
-from .cliutil import DEBUG_OPTION, EXIT_FAILED, run_cli
+from .cliutil import DEBUG_OPTION, EXIT_FAILED, FiniteFloat, OutPath, check_parallelism, run_cli
 from .errors import InputError, SegError
 
 
@@ -81,6 +81,7 @@ def segment_files(
     probabilities: bool = False,
     min_tumour_ml: float = 0.0,
     names: dict[Path, str] | None = None,
+    force: bool = False,
 ) -> dict[Path, dict | str]:
     """Segment each file; returns {path: report dict, or the error line}. One bad volume never stops the rest.
 
@@ -91,8 +92,9 @@ def segment_files(
     ``skip_existing`` skips only a mask verified to be this input's with this model.
     """
     from concurrent.futures import ThreadPoolExecutor
+    from functools import partial
 
-    from .io import intensity_warning, mask_image, nifti_bytes, probability_image
+    from .io import intensity_warning, mask_image, nifti_bytes, probability_image, read_volume
     from .models import file_sha256
     from .outputs import (
         DiskFullError,
@@ -121,6 +123,8 @@ def segment_files(
 
     def input_sha(p: Path) -> str:
         if p not in hashes:
+            if not p.is_file():  # a FIFO or a device would be hashed forever
+                raise InputError(f"{p}: not a regular file; give a NIfTI file")
             hashes[p] = file_sha256(p)
         return hashes[p]
 
@@ -139,8 +143,8 @@ def segment_files(
             prob_path = out_dir / f"{name}_prob.nii.gz" if probabilities else None
             try:
                 why = why_not_done(json_path, mask_path, lambda p=p: input_sha(p), model_hash, settings, prob_path)
-            except OSError as exc:  # the input itself is unreadable: its own run reports it
-                why = f"cannot check it ({exc.strerror})"
+            except (OSError, InputError) as exc:  # the input itself is unreadable: its own run reports it
+                why = f"cannot check it ({getattr(exc, 'strerror', None) or exc})"
             if why is None:
                 results[p] = {"skipped": True, "mask": str(mask_path)}
                 echo(f"{p}: done already, skipped (mask verified against its JSON)")
@@ -151,7 +155,7 @@ def segment_files(
     overall = _bar(len(todo), "volumes", "vol")
     hasher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sha256")
     done_at = time.perf_counter()  # when the previous volume was finished
-    for p, opened, done in read_ahead(todo):
+    for p, opened, done in read_ahead(todo, partial(read_volume, force=force, ct=True)):
         name, mask_path, json_path = outputs(p)
         t = Timings()
         try:
@@ -180,8 +184,8 @@ def segment_files(
             s = time.perf_counter()
             if postprocess:
                 labels = post(labels, holes=holes, inplace=True, components=components)
-            drop_small_tumours(labels, voxels_for_ml(min_tumour_ml, vol.spacing))
-            stats = volume_stats(labels, vol.spacing)
+            drop_small_tumours(labels, voxels_for_ml(min_tumour_ml, vol.affine))
+            stats = volume_stats(labels, vol.affine)
             t.add("postprocess", time.perf_counter() - s)
             s = time.perf_counter()
             files = [(mask_path, nifti_bytes(mask_image(labels, vol), mask_path))]
@@ -219,6 +223,7 @@ def segment_files(
                 "model_sha256": model_hash,
                 **settings,
                 "warnings": [warning] if warning else [],
+                "forced": list(vol.forced),  # checks that refused this volume, let through by --force
             }
             files.append((json_path, json_bytes(report)))
             try:
@@ -233,6 +238,9 @@ def segment_files(
         except SegError as exc:
             results[p] = str(exc)
             echo(f"error: {exc}", err=True)
+        except Exception as exc:  # anything else wrong with one volume: say it in one line and go on
+            results[p] = f"{p}: {type(exc).__name__}: {' '.join(str(exc).split())[:300]}"
+            echo(f"error: {results[p]}", err=True)
         finally:
             overall.update(1)
             done_at = time.perf_counter()
@@ -253,7 +261,7 @@ def segment_files(
     "-o",
     "--out",
     "out_dir",
-    type=click.Path(path_type=Path),
+    type=OutPath(path_type=Path),
     default=None,
     help="Output directory (created if missing).",
 )
@@ -294,7 +302,7 @@ def segment_files(
 @click.option("--fill-holes", is_flag=True, help="Fill holes in the liver slice by slice.")
 @click.option(
     "--min-tumour-ml",
-    type=click.FloatRange(0),
+    type=FiniteFloat(0),
     default=0.0,
     show_default=True,
     help="Relabel tumour components smaller than this (mL) as liver: specks in a tumour-free liver (0: keep all).",
@@ -304,6 +312,11 @@ def segment_files(
     is_flag=True,
     help="Also write <name>_prob.nii.gz: per-class probabilities (4D, input geometry, "
     "uint8 with scale 1/255; before postprocessing).",
+)
+@click.option(
+    "--force",
+    is_flag=True,
+    help="Segment volumes refused as implausible for a CT (voxel size, intensities); the JSON records why.",
 )
 @DEBUG_OPTION
 def cli(
@@ -323,6 +336,7 @@ def cli(
     fill_holes,
     probabilities,
     min_tumour_ml,
+    force,
 ) -> None:
     """Segment liver and liver tumours in CT volumes (NIfTI), writing <name>_seg.nii.gz
     (uint8: 0 background, 1 liver, 2 tumour; the input's geometry) and <name>.json
@@ -338,6 +352,7 @@ def cli(
     """
     from .models import DEMO_NOTE, demo_model_path, open_backend
 
+    check_parallelism(threads, streams)
     if demo:
         sys.exit(run_demo(model, out_dir, backend, provider, threads, batch_size, streams))
     if not inputs:
@@ -356,7 +371,7 @@ def cli(
                 f"--batch-size {bs} is above {Path(model).name}'s max batch {be.max_batch}; use --batch-size "
                 f"{be.max_batch} or less, or rebuild the plan with --max-batch {bs}"
             )
-        click.echo(f"backend: {be.describe()}, batch {bs} (--backend {backend} chose {be.name})", err=True)
+        click.echo(f"backend: {be.describe()}, batch {bs} (--backend {backend} chose {be.name})")
         if cuda_graph and be.name != "tensorrt":
             click.echo("note: --cuda-graph applies to TensorRT plans only; ignored", err=True)
         results = segment_files(
@@ -370,10 +385,12 @@ def cli(
             overlay,
             probabilities=probabilities,
             min_tumour_ml=min_tumour_ml,
+            force=force,
         )
     failed = [p for p, r in results.items() if isinstance(r, str)]
     if failed:
-        click.echo(f"{len(failed)} of {len(results)} volume(s) failed", err=True)
+        if len(results) > 1:  # for a single volume its error line says it all
+            click.echo(f"{len(failed)} of {len(results)} volume(s) failed", err=True)
         sys.exit(EXIT_FAILED)
 
 

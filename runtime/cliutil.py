@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+import os
 import sys
 
 import click
@@ -25,6 +27,10 @@ def run_cli(group: click.Command, prog_name: str, argv: list[str] | None = None)
     except click.exceptions.Abort:
         click.echo("aborted", err=True)
         sys.exit(130)
+    except click.UsageError as exc:  # one line, as every other error: the usage is one --help away
+        cmd = exc.ctx.command_path if exc.ctx is not None else prog_name
+        click.echo(f"{cmd}: error: {' '.join(exc.format_message().split())} (see {cmd} --help)", err=True)
+        sys.exit(exc.exit_code)
     except click.ClickException as exc:
         exc.show()
         sys.exit(exc.exit_code)
@@ -33,7 +39,7 @@ def run_cli(group: click.Command, prog_name: str, argv: list[str] | None = None)
     except SegError as exc:
         if debug:
             raise
-        click.echo(f"{prog_name}: error: {exc}", err=True)
+        click.echo(f"{prog_name}: error: {' '.join(str(exc).split())}", err=True)
         sys.exit(EXIT_USAGE)
     except KeyboardInterrupt:
         click.echo("interrupted", err=True)
@@ -42,7 +48,8 @@ def run_cli(group: click.Command, prog_name: str, argv: list[str] | None = None)
         if debug:
             raise
         click.echo(
-            f"{prog_name}: internal error: {type(exc).__name__}: {exc} (rerun with --debug for the traceback)",
+            f"{prog_name}: internal error: {type(exc).__name__}: {' '.join(str(exc).split())[:300]} "
+            "(rerun with --debug for the traceback)",
             err=True,
         )
         sys.exit(EXIT_FAILED)
@@ -50,3 +57,47 @@ def run_cli(group: click.Command, prog_name: str, argv: list[str] | None = None)
 
 
 DEBUG_OPTION = click.option("--debug", is_flag=True, expose_value=False, help="Show the full traceback on errors.")
+
+
+class FiniteFloat(click.FloatRange):
+    """A float option that refuses inf and nan (which pass ``FloatRange``'s comparisons) up front."""
+
+    name = "finite float"
+
+    def convert(self, value, param, ctx):
+        value = super().convert(value, param, ctx)
+        if not math.isfinite(value):
+            self.fail(f"{value} is not a finite number", param, ctx)
+        return value
+
+
+class OutPath(click.Path):
+    """An output path that refuses the empty string (which would mean the current folder, unasked)."""
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, str) and not value.strip():
+            self.fail("is empty; name an output path", param, ctx)
+        return super().convert(value, param, ctx)
+
+
+# more threads than this per core only add memory and switching, never speed
+MAX_THREADS_PER_CORE = 4
+MAX_STREAMS = 16
+
+
+def check_parallelism(threads: int, streams: int = 0) -> None:
+    """Refuse thread and stream counts no machine here can use, naming the limit, before anything starts."""
+    cores = os.cpu_count() or 1
+    limit = MAX_THREADS_PER_CORE * cores
+    if threads > limit:
+        raise click.BadParameter(
+            f"{threads} threads on {cores} core(s); at most {limit} ({MAX_THREADS_PER_CORE} per core), 0 for all cores",
+            param_hint="'--threads'",
+        )
+    most = min(MAX_STREAMS, threads) if threads else MAX_STREAMS
+    if streams > most:
+        raise click.BadParameter(
+            f"{streams} streams; at most {most} ({'no more than --threads, and ' if threads else ''}"
+            f"{MAX_STREAMS} in all)",
+            param_hint="'--streams'",
+        )

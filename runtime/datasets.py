@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import InputError
+from .geometry import check_file_holds, expected_bytes, gzip_complete
 from .io import load_image, nifti_files
 
 _LITS_VOL = re.compile(r"^volume-(\d+)\.nii(\.gz)?$")
@@ -106,6 +107,10 @@ def check_case(case: Case, num_classes: int = 3) -> str | None:
         img = load_image(case.image)
         if len(img.shape) != 3:
             return f"image is {len(img.shape)}D {tuple(img.shape)}, expected 3D"
+        check_file_holds(img, case.image)
+        need = int(getattr(img.dataobj, "offset", 0) or 0) + expected_bytes(img)
+        if str(case.image).endswith(".gz") and not gzip_complete(case.image, need):
+            return f"{case.image.name}: voxel data is truncated or corrupt; re-export or re-download it"
         if case.label is None:
             return None
         lab = load_image(case.label)

@@ -15,7 +15,7 @@ import tempfile
 import threading
 import zlib
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +24,14 @@ import numpy as np
 from nibabel.orientations import apply_orientation, io_orientation, ornt_transform
 
 from .errors import InputError
+from .geometry import (
+    check_affine,
+    check_file_holds,
+    check_memory,
+    geometry_problems,
+    not_ct_reason,
+    voxel_volume_ml,
+)
 
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
 _RAS = np.array([[0, 1], [1, 1], [2, 1]], dtype=float)
@@ -77,6 +85,7 @@ class Volume:
     ornt: np.ndarray  # nibabel orientation of the file relative to RAS
     path: Path | None = None
     arrival: Arrival | None = None  # for a streamed read: which slices are in yet (see read_volume)
+    forced: list[str] = field(default_factory=list)  # checks that failed and were let through with force
 
     @property
     def num_slices(self) -> int:
@@ -87,7 +96,8 @@ class Volume:
         return from_canonical(arr, self.ornt)
 
     def voxel_volume_ml(self) -> float:
-        return float(np.prod(self.spacing)) / 1000.0
+        """One voxel in mL, from |det| of the affine (right for tilted and sheared grids too)."""
+        return voxel_volume_ml(self.affine)
 
 
 def is_nifti(path: str | os.PathLike) -> bool:
@@ -133,15 +143,20 @@ def load_image(path: str | os.PathLike) -> nib.Nifti1Image:
     """Open a NIfTI file (header only) with errors a user can act on."""
     p = Path(path)
     if not p.exists():
+        if p.is_symlink() or os.path.lexists(p):
+            raise InputError(f"{p}: is a symbolic link that leads nowhere (dangling or a loop); fix the link")
         raise InputError(f"{p}: no such file; check the path")
     if p.is_dir():
         raise InputError(f"{p}: is a directory, expected a .nii or .nii.gz file")
     if not is_nifti(p):
         raise InputError(f"{p}: not a NIfTI file (expected .nii or .nii.gz)")
+    if not p.is_file():  # reading a FIFO or a device would block or never end
+        raise InputError(f"{p}: not a regular file (a FIFO, device or socket); give a .nii or .nii.gz file")
     if not os.access(p, os.R_OK):
         raise InputError(f"{p}: cannot read the file (permission denied)")
     try:
-        img = nib.load(str(p))
+        with nib.imageglobals.LoggingOutputSuppressor():  # nibabel logs the header fields it mends
+            img = nib.load(str(p))
     except Exception as exc:  # nibabel raises several types for garbage/truncated headers
         raise InputError(f"{p}: cannot be read as NIfTI ({_reason(exc)}); is the file complete?") from exc
     if not isinstance(img, (nib.Nifti1Image, nib.Nifti2Image)):
@@ -158,6 +173,8 @@ def _check_shape(img: nib.Nifti1Image, path: str | os.PathLike) -> None:
             f"{path}: image has {len(shape)} dimensions {tuple(shape)}; expected a 3D volume"
             + (" (split the 4D series into 3D volumes first)" if len(shape) == 4 else "")
         )
+    if min(shape[:3]) == 0:
+        raise InputError(f"{path}: image shape {tuple(shape)} has an axis of length 0: it holds no voxels")
     if min(shape[:3]) < 2:
         raise InputError(f"{path}: image shape {tuple(shape)} is a single slice; expected a 3D volume")
 
@@ -172,17 +189,21 @@ _READ_ERRORS = (OSError, EOFError, zlib.error, ValueError)
 def read_array(img: nib.Nifti1Image, path: str | os.PathLike) -> np.ndarray:
     """Voxel data in file layout, as int16/uint8 when stored unscaled, else float32."""
     _check_shape(img, path)
-    try:
-        data = _read_gz_isal(img, path)
-        if data is None:
-            data = np.asanyarray(img.dataobj)
-    except _READ_ERRORS as exc:
-        raise _corrupt(path, exc) from exc
-    if data.ndim == 4:
-        data = data[..., 0]
-    if data.dtype.kind == "f":
-        if data.dtype != np.float32:
+    # a huge scale factor overflows to Inf while nibabel scales: that is reported below, in one line
+    with np.errstate(all="ignore"):
+        try:
+            data = _read_gz_isal(img, path)
+            if data is None:
+                data = np.asanyarray(img.dataobj)
+        except _READ_ERRORS as exc:
+            raise _corrupt(path, exc) from exc
+        if data.ndim == 4:
+            data = data[..., 0]
+        if data.dtype.kind == "c":
+            raise InputError(f"{path}: complex voxel type {data.dtype}; expected real CT values in HU")
+        if data.dtype.kind == "f" and data.dtype != np.float32:
             data = data.astype(np.float32)
+    if data.dtype.kind == "f":
         bad = int(data.size - np.count_nonzero(np.isfinite(data)))
         if bad:
             raise InputError(f"{path}: {bad} voxels are NaN or Inf; replace them (e.g. with -1024 HU) and retry")
@@ -251,8 +272,17 @@ def _read_gz_isal(
     return out if out.dtype.isnative else out.astype(out.dtype.newbyteorder("="))
 
 
-def read_volume(path: str | os.PathLike, on_open: Callable[[Volume], None] | None = None) -> Volume:
+def read_volume(
+    path: str | os.PathLike,
+    on_open: Callable[[Volume], None] | None = None,
+    force: bool = False,
+    ct: bool = False,
+) -> Volume:
     """Read a 3D NIfTI CT and present it as canonical axial slices (no copy).
+
+    Degenerate geometry, a header that promises more than the file or the free memory holds,
+    and (``ct``) voxels that cannot be CT in HU are refused; ``force`` lets the implausible
+    geometry and the not-CT refusals through and lists their reasons in ``vol.forced``.
 
     ``on_open`` receives the volume as soon as it can be used. For an unscaled integer
     .nii.gz whose stored slices are axial (the usual CT) that is before its voxels are in:
@@ -263,9 +293,14 @@ def read_volume(path: str | os.PathLike, on_open: Callable[[Volume], None] | Non
     img = load_image(path)
     _check_shape(img, path)
     affine = img.affine
-    if not np.all(np.isfinite(affine)) or abs(np.linalg.det(affine[:3, :3])) < 1e-9:
-        raise InputError(f"{path}: the affine is degenerate; the file's geometry header is broken")
+    check_affine(affine, path)
     ornt = io_orientation(affine)
+    spacing = canonical_spacing(affine, ornt)
+    forced = geometry_problems(img.header, affine, spacing, path)
+    if forced and not force:
+        raise InputError(f"{path}: {forced[0]}; check the file's header, or pass --force to segment it anyway")
+    check_file_holds(img, path)
+    check_memory(img, path)
     dtype = img.dataobj.dtype
     stream = (
         on_open is not None
@@ -277,14 +312,17 @@ def read_volume(path: str | os.PathLike, on_open: Callable[[Volume], None] | Non
     data = np.empty(img.shape[:3], dtype, order="F") if stream else read_array(img, path)
     vol = Volume(
         data=to_canonical(data, ornt),
-        spacing=canonical_spacing(affine, ornt),
+        spacing=spacing,
         affine=affine,
         header=img.header,
         shape=tuple(int(s) for s in data.shape),
         ornt=ornt,
         path=Path(path),
         arrival=Arrival(data.shape[2], from_end=ornt[2][1] < 0) if stream else None,
+        forced=forced,
     )
+    if not stream and ct:
+        _check_ct(vol, force)
     if on_open is not None:
         on_open(vol)
     if stream:
@@ -298,7 +336,17 @@ def read_volume(path: str | os.PathLike, on_open: Callable[[Volume], None] | Non
                 raise
             raise err from exc
         vol.arrival.publish(data.shape[2])
+        if ct:
+            _check_ct(vol, force)
     return vol
+
+
+def _check_ct(vol: Volume, force: bool) -> None:
+    reason = not_ct_reason(vol.data)
+    if reason and not force:
+        raise InputError(f"{vol.path}: {reason}; give a CT in HU, or pass --force to segment it anyway")
+    if reason:
+        vol.forced.append(reason)
 
 
 def read_labels(path: str | os.PathLike, num_classes: int = 3) -> Volume:
@@ -429,7 +477,28 @@ def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> Path:
 
 
 def write_json_atomic(path: str | os.PathLike, obj: Any) -> Path:
-    return write_bytes_atomic(path, (json.dumps(obj, indent=2, default=_json_default) + "\n").encode())
+    """Write strict JSON atomically (see ``json_text``)."""
+    return write_bytes_atomic(path, (json_text(obj, indent=2) + "\n").encode())
+
+
+def json_text(obj: Any, indent: int | None = None) -> str:
+    """Strict JSON of ``obj``: NaN and Inf, which JSON has no words for, become null.
+
+    Every JSON file the project writes goes through here, so no reader meets ``NaN``.
+    """
+    return json.dumps(_finite(obj), indent=indent, default=_json_default, allow_nan=False)
+
+
+def _finite(o: Any) -> Any:
+    if isinstance(o, (float, np.floating)):
+        return float(o) if np.isfinite(o) else None
+    if isinstance(o, dict):
+        return {k: _finite(v) for k, v in o.items()}
+    if isinstance(o, (list, tuple)):
+        return [_finite(v) for v in o]
+    if isinstance(o, np.ndarray):
+        return _finite(o.tolist())
+    return o
 
 
 def _json_default(o: Any) -> Any:
@@ -442,6 +511,22 @@ def _json_default(o: Any) -> Any:
     if isinstance(o, Path):
         return str(o)
     raise TypeError(f"not JSON serialisable: {type(o).__name__}")
+
+
+def check_creatable_dir(path: str | os.PathLike, option: str = "-o") -> None:
+    """Refuse, before any work, an output folder that cannot be made: a path below a regular
+    file, or under a folder that cannot be written. Nothing is created here."""
+    p = Path(path)
+    if not str(path).strip():
+        raise InputError(f"{option}: the output path is empty; name an output folder")
+    probe = p
+    while not os.path.lexists(probe) and probe != probe.parent:
+        probe = probe.parent
+    if probe.exists() and not probe.is_dir():
+        what = "is" if probe == p else f"lies below {probe}, which is"
+        raise InputError(f"{p}: {what} a file, not a folder; choose another {option}")
+    if probe.is_dir() and not os.access(probe, os.W_OK | os.X_OK):
+        raise InputError(f"{probe}: cannot write there (permission denied); choose another {option}")
 
 
 def _reason(exc: BaseException) -> str:

@@ -19,6 +19,7 @@ import math
 import numpy as np
 from scipy.ndimage import binary_erosion, distance_transform_edt, generate_binary_structure
 
+from .geometry import voxel_volume_ml
 from .postprocess import bounding_box
 
 STRUCTURES = {"liver": lambda lab: lab >= 1, "tumor": lambda lab: lab == 2}
@@ -70,10 +71,11 @@ def hd95(pred, ref, spacing) -> float | None:
     return float(max(np.percentile(a, 95), np.percentile(b, 95)))
 
 
-def structure_metrics(pred: np.ndarray, ref: np.ndarray, spacing, surface: bool = True) -> dict:
+def structure_metrics(pred: np.ndarray, ref: np.ndarray, spacing, surface: bool = True, affine=None) -> dict:
+    """Overlap, volume (mL, from ``affine`` when given: right for tilted grids) and surface metrics of one structure."""
     p, r = int(np.count_nonzero(pred)), int(np.count_nonzero(ref))
     inter = int(np.count_nonzero(pred & ref))
-    voxel_ml = float(np.prod(spacing)) / 1000.0
+    voxel_ml = voxel_volume_ml(spacing if affine is None else affine)
     note = None
     if p == 0 and r == 0:
         note = "both empty"
@@ -101,14 +103,15 @@ def structure_metrics(pred: np.ndarray, ref: np.ndarray, spacing, surface: bool 
     return out
 
 
-def case_metrics(pred_labels: np.ndarray, ref_labels: np.ndarray, spacing, surface: bool = True) -> dict:
+def case_metrics(pred_labels: np.ndarray, ref_labels: np.ndarray, spacing, surface: bool = True, affine=None) -> dict:
     """Liver and tumour metrics of one case (label arrays on the same grid)."""
     if pred_labels.shape != ref_labels.shape:
         raise ValueError(
             f"prediction shape {pred_labels.shape} != reference shape {ref_labels.shape}; they must share a grid"
         )
     return {
-        name: structure_metrics(sel(pred_labels), sel(ref_labels), spacing, surface) for name, sel in STRUCTURES.items()
+        name: structure_metrics(sel(pred_labels), sel(ref_labels), spacing, surface, affine)
+        for name, sel in STRUCTURES.items()
     }
 
 

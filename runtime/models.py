@@ -42,8 +42,19 @@ def open_backend(
     """A backend (not yet activated) for a model file; TensorRT for plans, else ONNX Runtime."""
     p = Path(path)
     if not p.exists():
+        if os.path.lexists(p):
+            raise InputError(f"{p}: is a symbolic link that leads nowhere (dangling or a loop); fix the link")
         raise InputError(f"{p}: no such model file")
+    if p.is_dir():
+        raise InputError(f"{p}: is a directory; give the model file itself (model.onnx or model.plan)")
+    if not p.is_file():
+        raise InputError(f"{p}: not a regular file; give a model.onnx or model.plan")
     kind = choose_backend(p, backend)
+    if kind == "tensorrt" and p.suffix == ".onnx":
+        raise InputError(
+            f"{p}: an ONNX model, not a TensorRT plan; run it with --backend onnxruntime, "
+            f"or build a plan first: seg-export build-engine {p} -o {p.with_suffix('.plan')}"
+        )
     if kind == "tensorrt":
         from .backends.tensorrt import TensorRTBackend
 

@@ -308,7 +308,10 @@ def write_phantoms(
     """Write cases start..start+cases-1 as volume-K.nii.gz / segmentation-K.nii.gz (LiTS layout)."""
     from tqdm import tqdm
 
+    from .io import check_creatable_dir
+
     out = Path(out_dir)
+    check_creatable_dir(out, "OUT_DIR")
     out.mkdir(parents=True, exist_ok=True)
     written = []
     for k in tqdm(

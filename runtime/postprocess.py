@@ -11,6 +11,8 @@ from collections.abc import Sequence
 import numpy as np
 from scipy import ndimage
 
+from .geometry import voxel_volume_ml
+
 
 def bounding_box(mask: np.ndarray, pad: int | Sequence[int] = 0) -> tuple[slice, ...] | None:
     """Bounding box of a boolean mask, grown by ``pad`` voxels (one per axis, or one for all)
@@ -185,9 +187,9 @@ def fill_holes(mask: np.ndarray) -> np.ndarray:
     return out
 
 
-def voxels_for_ml(ml: float, spacing) -> int:
-    """The voxel count of ``ml`` millilitres at this spacing (mm), rounded up."""
-    return int(np.ceil(ml * 1000.0 / float(np.prod(spacing)) - 1e-9)) if ml > 0 else 0
+def voxels_for_ml(ml: float, geometry) -> int:
+    """The voxel count of ``ml`` millilitres on this grid (the volume's affine, or its spacing in mm), rounded up."""
+    return int(np.ceil(ml / voxel_volume_ml(geometry) - 1e-9)) if ml > 0 else 0
 
 
 def drop_small_tumours(labels: np.ndarray, min_voxels: int) -> np.ndarray:
@@ -242,9 +244,12 @@ def postprocess(
     return out
 
 
-def volume_stats(labels: np.ndarray, spacing) -> dict:
-    """Liver and tumour volumes in mL, tumour count (3D components) and burden."""
-    voxel_ml = float(np.prod(spacing)) / 1000.0
+def volume_stats(labels: np.ndarray, geometry) -> dict:
+    """Liver and tumour volumes in mL, tumour count (3D components) and burden.
+
+    ``geometry`` is the volume's affine (right for tilted and sheared grids) or its spacing in mm.
+    """
+    voxel_ml = voxel_volume_ml(geometry)
     box = bounding_box(labels)
     sub = labels[box] if box is not None else labels[:0]
     liver_ml = float(np.count_nonzero(sub >= 1)) * voxel_ml

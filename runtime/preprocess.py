@@ -15,6 +15,7 @@ from functools import cached_property, lru_cache
 
 import numpy as np
 
+from .errors import InputError
 from .spec import Preprocess
 
 
@@ -299,6 +300,16 @@ def labels_to_model_grid(labels: np.ndarray, grid: SliceGrid, num_classes: int) 
     return grid.forward(onehot).argmax(axis=1).astype(np.uint8)
 
 
+def check_logits(logits: np.ndarray, grid: SliceGrid) -> None:
+    """Refuse model outputs that are not (n, C, model_rows, model_cols) for the grid the input was made on."""
+    want = (grid.rows_inv.shape[1], grid.cols_inv.shape[1])
+    if logits.ndim != 4 or tuple(logits.shape[2:]) != want or logits.shape[1] < 1:
+        raise InputError(
+            f"the model's output is {'x'.join(map(str, logits.shape))} for input slices of {want[0]}x{want[1]}; "
+            f"expected (batch, classes, {want[0]}, {want[1]}): the model does not match its spec, re-export it"
+        )
+
+
 def logits_to_labels(logits: np.ndarray, grid: SliceGrid, activation: str = "softmax") -> np.ndarray:
     """(n, C, model_rows, model_cols) logits -> (n, rows, cols) uint8 labels on the input grid.
 
@@ -313,6 +324,7 @@ def logits_to_labels(logits: np.ndarray, grid: SliceGrid, activation: str = "sof
     typical abdominal volume; the labels are identical to resampling everything.
     """
     logits = np.asarray(logits, dtype=np.float32)
+    check_logits(logits, grid)
     scores = logits[:, :1] if activation == "sigmoid" else logits[:, 1:] - logits[:, :1]
     n = logits.shape[0]
     out = np.zeros((n, *grid.in_shape), np.uint8)
@@ -335,6 +347,7 @@ def logits_to_probabilities(logits: np.ndarray, grid: SliceGrid, activation: str
     the input grid (softmax or sigmoid at the model grid, then linear resampling, which keeps
     them in [0, 1] and summing to 1). uint8 keeps a 3-class 512x512x200 map at 157 MB."""
     logits = np.asarray(logits, dtype=np.float32)
+    check_logits(logits, grid)
     if activation == "sigmoid":
         prob = 1.0 / (1.0 + np.exp(-logits[:, :1]))
     else:

@@ -115,7 +115,10 @@ class ModelSpec:
         return {"schema_version": d.pop("schema_version"), **d}
 
     def to_json(self, indent: int | None = 2) -> str:
-        return json.dumps(self.to_dict(), indent=indent, sort_keys=False)
+        """Strict JSON (non-finite measurements become null), as every JSON the project writes."""
+        from .io import json_text
+
+        return json_text(self.to_dict(), indent=indent)
 
     @classmethod
     def from_dict(cls, d: Any) -> ModelSpec:

@@ -145,13 +145,13 @@ def test_wall_time_counts_the_read_once(tmp_path, model, monkeypatch):
     """A volume's wall time spans its read and everything after it, and nothing twice."""
     import time
 
-    import runtime.pipeline as rp
+    import runtime.io as rp
     from runtime.backends.onnxrt import OnnxRuntimeBackend
     from runtime.cli import segment_files
 
-    def slow_read(path, on_open=None):
+    def slow_read(path, on_open=None, **options):
         time.sleep(0.4)
-        return real(path, on_open=on_open)
+        return real(path, on_open=on_open, **options)
 
     real = rp.read_volume
     monkeypatch.setattr(rp, "read_volume", slow_read)
@@ -254,11 +254,16 @@ def test_skip_existing_continues_an_interrupted_batch(tmp_path, model):
     assert (out / "c0_seg.nii.gz").stat().st_mtime_ns == before and (out / "c1_seg.nii.gz").exists()
 
 
-def test_non_ct_intensities_warn_but_run(tmp_path, model):
+def test_non_ct_intensities_are_refused_unless_forced(tmp_path, model):
     ph = make_phantom(3, 0, size=64, slices=16)
     save_nifti(tmp_path / "mr.nii.gz", ((ph.hu.astype(np.float32) + 1024) / 4000).astype(np.float32), ph.affine)
     r = run(tmp_path / "mr.nii.gz", "--model", model, "-o", tmp_path / "out")
+    assert r.exit_code == 1 and "not a CT in HU" in r.output and "--force" in r.output
+    assert not (tmp_path / "out" / "mr_seg.nii.gz").exists()
+    r = run(tmp_path / "mr.nii.gz", "--model", model, "-o", tmp_path / "out", "--force")
     assert r.exit_code == 0 and "not the -1000..+1000 HU of CT" in r.output
+    report = json.loads((tmp_path / "out" / "mr.json").read_text())
+    assert len(report["forced"]) == 1 and "not a CT in HU" in report["forced"][0]
 
 
 def test_model_problems_are_one_line(tmp_path, capsys):

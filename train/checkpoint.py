@@ -7,6 +7,7 @@ file from elsewhere never executes code.
 from __future__ import annotations
 
 import io
+import warnings
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -52,17 +53,25 @@ def save_checkpoint(path: str | Path, model: torch.nn.Module, spec: ModelSpec, *
 def load_checkpoint(path: str | Path) -> Checkpoint:
     """Load a checkpoint safely; every failure is an InputError/SpecError that says what to do."""
     p = Path(path)
+    if p.is_dir():
+        raise InputError(f"{p}: is a directory; give the checkpoint file (e.g. runs/demo/best.pt)")
     if not p.is_file():
         raise InputError(f"{p}: no such checkpoint file")
+    if p.stat().st_size == 0:
+        raise InputError(f"{p}: the checkpoint file is empty; was the copy or the training interrupted?")
     try:
-        obj = torch.load(p, map_location="cpu", weights_only=True)
+        with (
+            warnings.catch_warnings()
+        ):  # torch warns about the pickle protocol of a foreign file; we refuse it in one line
+            warnings.simplefilter("ignore")
+            obj = torch.load(p, map_location="cpu", weights_only=True)
     except (zipfile.BadZipFile, EOFError, RuntimeError, ValueError, OSError) as exc:
-        raise InputError(f"{p}: not a readable checkpoint ({str(exc).splitlines()[0][:120]}); is it complete?") from exc
+        raise InputError(f"{p}: not a readable checkpoint ({_first_line(exc)}); is it complete?") from exc
     except Exception as exc:  # weights_only refuses pickled objects: not one of ours
         raise InputError(
             f"{p}: refused to load ({type(exc).__name__}); only seg-train checkpoints are accepted"
         ) from exc
-    if not isinstance(obj, dict) or obj.get("format") != FORMAT:
+    if not isinstance(obj, dict) or obj.get("format") != FORMAT or not isinstance(obj.get("state_dict"), dict):
         raise InputError(f"{p}: not a seg-train checkpoint (no '{FORMAT}' marker)")
     spec = ModelSpec.from_json(obj["spec"])
     extra = {k: v for k, v in obj.items() if k not in ("format", "spec", "state_dict")}
@@ -70,7 +79,10 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
     try:
         build_model(spec).load_state_dict(ckpt.state_dict)
     except (RuntimeError, TypeError, ValueError) as exc:
-        raise InputError(
-            f"{p}: weights do not match the model config in its spec ({str(exc).splitlines()[0][:120]})"
-        ) from exc
+        raise InputError(f"{p}: weights do not match the model config in its spec ({_first_line(exc)})") from exc
     return ckpt
+
+
+def _first_line(exc: BaseException) -> str:
+    lines = str(exc).strip().splitlines()
+    return lines[0][:120] if lines else type(exc).__name__

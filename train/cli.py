@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from runtime.cliutil import DEBUG_OPTION, run_cli
+from runtime.cliutil import DEBUG_OPTION, FiniteFloat, run_cli
 from runtime.errors import InputError
 
 
@@ -165,7 +165,7 @@ fit = _make_fit()
 @click.option("--device", default="auto", show_default=True)
 @click.option(
     "--min-tumour-ml",
-    type=click.FloatRange(0),
+    type=FiniteFloat(0),
     default=0.0,
     show_default=True,
     help="Relabel predicted tumour components smaller than this (mL) as liver, as seg-run --min-tumour-ml does.",

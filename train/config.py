@@ -7,6 +7,7 @@ The defaults are the demo edge model: base width 24, depth 4, batch norm, 256x25
 from __future__ import annotations
 
 import json
+import math
 import os
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -150,6 +151,10 @@ class TrainConfig:
 
     def validate(self) -> TrainConfig:
         """Reject impossible combinations with one line that names the option."""
+        for f in fields(self):  # inf and nan pass every comparison below unnoticed
+            v = getattr(self, f.name)
+            if isinstance(v, float) and not math.isfinite(v):
+                raise InputError(f"--{f.name.replace('_', '-')} must be a finite number; got {v}")
         for name, allowed in CHOICES.items():
             if getattr(self, name) not in allowed:
                 raise InputError(
@@ -181,6 +186,10 @@ class TrainConfig:
         ):
             if getattr(self, name) < 0:
                 raise InputError(f"--{name.replace('_', '-')} must be >= 0; got {getattr(self, name)}")
+        cores = os.cpu_count() or 1
+        for name, limit in (("threads", 4 * cores), ("workers", 4 * cores)):  # more only cost memory
+            if getattr(self, name) > limit:
+                raise InputError(f"--{name} {getattr(self, name)} on {cores} core(s); at most {limit} (4 per core)")
         if self.split_seed < -1:
             raise InputError(f"--split-seed must be >= 0, or -1 to use --seed; got {self.split_seed}")
         if self.cache_volumes < 1:

@@ -16,7 +16,6 @@ bound is workers x cache_volumes x that (64 volumes of 80 slices: 1.6 GB per wor
 
 from __future__ import annotations
 
-import json
 from collections import OrderedDict
 from dataclasses import dataclass
 
@@ -263,11 +262,11 @@ def elastic_field(n: int, shape, max_px: float, gen: torch.Generator, points: in
 
 
 def write_split(path, train: list[Case], val: list[Case], seed: int) -> None:
-    from runtime.io import write_bytes_atomic
+    from runtime.io import json_text, write_bytes_atomic
 
     write_bytes_atomic(
         path,
-        json.dumps(
+        json_text(
             {"seed": seed, "train": [c.name for c in train], "validation": [c.name for c in val]}, indent=2
         ).encode(),
     )

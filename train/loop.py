@@ -22,7 +22,7 @@ from tqdm import tqdm
 from runtime.datasets import Case, load_dataset
 from runtime.errors import InputError
 from runtime.inference import predict_labels
-from runtime.io import read_labels, read_volume, write_bytes_atomic
+from runtime.io import json_text, read_labels, read_volume, write_bytes_atomic
 from runtime.metrics import case_metrics, summarize
 from runtime.postprocess import drop_small_tumours, postprocess, voxels_for_ml
 from runtime.spec import ModelSpec
@@ -217,8 +217,8 @@ def evaluate_cases(
         vol = read_volume(c.image)
         ref = read_labels(c.label).data
         pred = postprocess(predict_labels(vol.data, vol.spacing, spec, infer, batch))
-        drop_small_tumours(pred, voxels_for_ml(min_tumour_ml, vol.spacing))
-        per_case[c.name] = case_metrics(pred, ref, vol.spacing, surface=surface)
+        drop_small_tumours(pred, voxels_for_ml(min_tumour_ml, vol.affine))
+        per_case[c.name] = case_metrics(pred, ref, vol.spacing, surface=surface, affine=vol.affine)
     return per_case
 
 
@@ -452,7 +452,7 @@ def fit(data_dir: str | Path, out_dir: str | Path, cfg: TrainConfig, resume: boo
         )
     if rank == 0:
         write_split(out / "split.json", train_cases, val_cases, cfg.split_seed_value)
-        write_bytes_atomic(out / "config.json", json.dumps(asdict(cfg), indent=2).encode())
+        write_bytes_atomic(out / "config.json", json_text(asdict(cfg), indent=2).encode())
 
     per_epoch = cfg.steps_per_epoch * cfg.batch_size
     ds = SliceDataset(
@@ -628,14 +628,14 @@ def _f(v) -> str:
 def _append_jsonl(path: Path, record: dict) -> None:
     """Append one line; rewrite atomically so an interrupted run never leaves half a line."""
     old = path.read_bytes() if path.exists() else b""
-    write_bytes_atomic(path, old + (json.dumps(record) + "\n").encode())
+    write_bytes_atomic(path, old + (json_text(record) + "\n").encode())
 
 
 def _truncate_log(path: Path, epoch: int) -> None:
     """Keep the lines of epochs <= epoch (those of an epoch whose last.pt was never written go)."""
     if path.exists():
         keep = [r for r in read_log(path) if r.get("epoch", 0) <= epoch]
-        write_bytes_atomic(path, "".join(json.dumps(r) + "\n" for r in keep).encode())
+        write_bytes_atomic(path, "".join(json_text(r) + "\n" for r in keep).encode())
 
 
 def read_log(path: Path) -> list[dict]:

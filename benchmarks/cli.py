@@ -22,6 +22,7 @@ def cli() -> None:
       seg-bench parity model.onnx model.fp16.onnx model.int8.onnx --data data/heldout
       seg-bench score predictions/ labels/
       seg-bench train-step --width 16,24,32
+      seg-bench gpu-check -o gpu-check
     """
 
 
@@ -357,6 +358,15 @@ def score(pred_dir, label_dir, out_dir) -> None:
         write_reports(out_dir, "score", envelope("score", res), md + "\n", [])
     if res["problems"] or not res["per_case"]:
         sys.exit(1)
+
+
+def _add_gpu_check() -> None:
+    from .gpu_check import gpu_check_command
+
+    cli.add_command(gpu_check_command)
+
+
+_add_gpu_check()
 
 
 def main() -> None:

@@ -304,6 +304,8 @@ def cli(
             probabilities=probabilities,
             min_tumour_ml=min_tumour_ml,
         )
+        if cuda_graph and be.name == "tensorrt":  # what replayed is known only now
+            click.echo(f"backend after the run: {be.describe()}", err=True)
     failed = [p for p, r in results.items() if isinstance(r, str)]
     if failed:
         click.echo(f"{len(failed)} of {len(results)} volume(s) failed", err=True)

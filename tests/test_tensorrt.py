@@ -230,6 +230,10 @@ def test_seg_run_on_a_plan_writes_the_masks_onnxruntime_writes(fake_plan, tmp_pa
         )
         assert code == 0, text
     assert cuda.dev.launches > 0
+    assert (
+        f"backend after the run: tensorrt (fake-cuda, batch profile 1/4/8, CUDA graphs: {cuda.dev.launches} of 10"
+        in text
+    )
     for k in range(2):
         a = np.asanyarray(nib.load(str(tmp_path / "ort" / f"case{k}_seg.nii.gz")).dataobj)
         b = np.asanyarray(nib.load(str(tmp_path / "trt" / f"case{k}_seg.nii.gz")).dataobj)

@@ -58,7 +58,10 @@ def _set_timing_cache(config, cache_path: Path | None, warn: Callable[[str], Non
     file is replaced by the fresh one afterwards. Returns whether the file's cache was used.
     """
     data = cache_path.read_bytes() if cache_path and cache_path.is_file() else b""
-    cache = config.create_timing_cache(data) if data else None
+    try:
+        cache = config.create_timing_cache(data) if data else None
+    except (RuntimeError, TypeError, ValueError):  # a damaged file may be refused here already
+        cache = None
     if cache is not None and config.set_timing_cache(cache, False):
         return True
     if data:
@@ -106,7 +109,7 @@ def build_engine(
     plan, cache_used, cache_bytes = _build(
         trt, logger, onnx_path, spec, (min_b, opt_b, max_b), workspace_mb, opt_level, cache_path, tf32, warn
     )
-    # the builder, network and parser are gone: reading the engine's memory needs no second copy
+    # the builder, network and parser are freed by now: reading the memory figure holds only the plan and its engine
     engine = trt.Runtime(logger).deserialize_cuda_engine(plan)
     per_context = device_memory_bytes(engine, version) if engine is not None else None
     io_bytes = io_buffer_bytes(engine, trt, spec, max_b) if engine is not None else None

@@ -64,7 +64,7 @@ def tensorrt_cuda_major() -> int | None:
     """The CUDA major version TensorRT's pip wheel was built for (tensorrt-cu12 / -cu13), or None
     when TensorRT is not a pip wheel (JetPack's system package)."""
     for major in (13, 12, 11):
-        if _distribution_version(f"tensorrt-cu{major}", f"tensorrt-cu{major}-libs", f"tensorrt_cu{major}"):
+        if _distribution_version(f"tensorrt-cu{major}", f"tensorrt-cu{major}-bindings", f"tensorrt-cu{major}-libs"):
             return major
     return None
 
@@ -312,7 +312,8 @@ def load_cuda():
         import pycuda.driver  # noqa: F401
     except ImportError:
         raise MissingDependency(
-            "the TensorRT backend needs a CUDA binding: pip install 'unet-edge[trt]' (cuda-python) or pycuda"
+            "the TensorRT backend needs a CUDA binding for TensorRT's CUDA: pip install 'unet-edge[trt-cu12]' "
+            "(or [trt-cu13] beside tensorrt-cu13), or pycuda"
         ) from None
     return PyCuda()
 

@@ -78,7 +78,7 @@ def probe_environment() -> tuple[list[dict], dict]:
     name = "CUDA binding matches TensorRT's CUDA major"
     trt_major, bind_major = tensorrt_cuda_major(), binding_major()
     if trt_major is None or bind_major is None:
-        what = "TensorRT is not a pip wheel (tensorrt-cuNN)" if bind_major is not None else "no cuda-python here"
+        what = "no cuda-python here" if bind_major is None else "no tensorrt-cu12/-cu13 wheel here (JetPack's or none)"
         steps.append(_step(name, NOT_APPLICABLE, what))
     else:
         mismatch = binding_mismatch()

@@ -22,6 +22,7 @@ def cli() -> None:
       seg-bench parity model.onnx model.fp16.onnx model.int8.onnx --data data/heldout
       seg-bench score predictions/ labels/
       seg-bench train-step --width 16,24,32
+      seg-bench gpu-check -o gpu-check
     """
 
 
@@ -385,6 +386,15 @@ def _report(out_dir: Path, stem: str, rep: dict, md: str, plots: list, failure: 
         return
     write_reports(out_dir, f"{stem}.failed", {**rep, "failed": failure}, md, [])
     click.echo(f"{failure}: report in {out_dir / (stem + '.failed.json')}; {stem}.json left as it was", err=True)
+
+
+def _add_gpu_check() -> None:
+    from .gpu_check import gpu_check_command
+
+    cli.add_command(gpu_check_command)
+
+
+_add_gpu_check()
 
 
 def main() -> None:

@@ -165,6 +165,11 @@ def quantize(
     type=click.Path(path_type=Path),
     help="Reusable timing cache file (read if present, then updated).",
 )
+@click.option(
+    "--tf32",
+    is_flag=True,
+    help="Let FP32 layers compute in TF32 (faster on Ampere and later, about 1e-3 relative error; off by default).",
+)
 @click.option("--verbose", is_flag=True)
 def build_engine(
     model: Path,
@@ -177,6 +182,7 @@ def build_engine(
     workspace_mb: int,
     opt_level: int,
     timing_cache: Path | None,
+    tf32: bool,
     verbose: bool,
 ) -> None:
     """Build a strongly typed TensorRT plan (TensorRT 10.x or 11.x) from an ONNX graph, with a
@@ -230,11 +236,20 @@ def build_engine(
             opt_level,
             timing_cache,
             verbose,
+            tf32=tf32,
+            warn=lambda m: click.echo(f"warning: {m}", err=True),
         )
-    mem = side.get("device_memory_bytes")
+    mem = side.get("device_memory")
     click.echo(
         f"wrote {out} and {out}.json: TensorRT {side['tensorrt_version']} on {side['gpu']['name']}, "
-        f"batch {min_batch}/{opt_batch}/{max_batch}" + (f", {mem / 2**20:.0f} MiB device memory" if mem else "")
+        f"batch {min_batch}/{opt_batch}/{max_batch}"
+        + (
+            f", seg-run allocates {mem['total_bytes'] / 2**20:.0f} MiB of device memory besides the weights "
+            f"({mem['contexts']} contexts x {mem['activation_bytes_per_context'] / 2**20:.0f} MiB activations "
+            f"+ {mem['io_bytes_per_slot'] / 2**20:.1f} MiB I/O buffers each)"
+            if mem
+            else ""
+        )
     )
 
 

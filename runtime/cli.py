@@ -387,6 +387,8 @@ def cli(
             min_tumour_ml=min_tumour_ml,
             force=force,
         )
+        if cuda_graph and be.name == "tensorrt":  # what replayed is known only now
+            click.echo(f"backend after the run: {be.describe()}", err=True)
     failed = [p for p, r in results.items() if isinstance(r, str)]
     if failed:
         if len(results) > 1:  # for a single volume its error line says it all

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import sys
+import warnings
 
 import nibabel as nib
 import numpy as np
@@ -75,9 +76,10 @@ def test_every_batch_size_in_any_order_gives_the_models_logits(fake_plan, graph)
             got = be.infer(x)
             assert got.shape == e.shape
             np.testing.assert_allclose(got, e, atol=1e-5)
-    # every batch of 4 (the profile's opt) replays a graph; a slot captures again only after
-    # its context ran another shape: slot A at batches 0 and 4, slot B at batches 1 and 9
-    assert (cuda.dev.launches, cuda.dev.captures) == ((6, 4) if graph else (0, 0))
+    # a slot captures the second run in a row of one shape and replays it until the shape changes:
+    # slot A runs 4, 3, 4, 4 (captured), 8; slot B runs 4, 4 (captured), 2, 1, 4
+    assert (cuda.dev.launches, cuda.dev.captures) == ((2, 2) if graph else (0, 0))
+    assert cuda.dev.engine_runs == len(xs)  # no batch runs twice (a warm-up is a real batch)
     assert cuda.dev.idle() and not cuda.host and cuda.closed
 
 
@@ -104,10 +106,12 @@ def cudart(monkeypatch):
     ``cuda.bindings.runtime``, with fake tensorrt on the same fake device."""
     import runtime.backends.cuda as cuda_mod
 
-    def install(fail=None):
+    def install(fail=None, driver_version=12080, native_handles=True):
         dev = Device()
-        rt = fake_cudart(dev, fail)
+        rt = fake_cudart(dev, fail, driver_version)
         monkeypatch.setattr(cuda_mod, "_import_cudart", lambda: rt)
+        getter = rt.get_cuda_native_handle if native_handles else None
+        monkeypatch.setattr(cuda_mod, "_native_handle_getter", lambda: getter, raising=False)
         monkeypatch.setitem(sys.modules, "tensorrt", fake_tensorrt(dev))
         return dev, rt
 
@@ -121,14 +125,19 @@ def test_the_cuda_python_interface_moves_the_right_bytes(cudart, tmp_path, graph
     xs = batches([4, 4, 3, 4, 4, 8], seed=2)
     with open_backend(onnx_path) as ref_be:
         expected = [ref_be.infer(x) for x in xs]
-    with open_backend(plan, cuda_graph=graph) as be:
-        assert be.provider == "cuda-python"  # and the GPU's name read back from NUL-padded bytes matched the sidecar's
-        assert be.describe() == f"tensorrt (cuda-python, batch profile 1/4/8{', CUDA graphs' if graph else ''}), fp32"
-        for x, e in zip(xs, expected):
-            np.testing.assert_allclose(be.infer(x), e, atol=1e-5)
-        # 1 ms per copy and engine run; each capture (slot A twice, B once) adds a warm-up run
-        assert be.device_times_ms == {"h2d": 6.0, "compute": 6.0 + 3 * graph, "d2h": 6.0}
-    assert (dev.launches, dev.captures) == ((4, 3) if graph else (0, 0))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", DeprecationWarning)  # int(handle) is deprecated since cuda-bindings 12.9.1
+        with open_backend(plan, cuda_graph=graph) as be:
+            assert be.provider == "cuda-python"  # and the GPU's name from NUL-padded bytes matched the sidecar's
+            words = ", CUDA graphs for repeated batch shapes" if graph else ""
+            assert be.describe() == f"tensorrt (cuda-python, batch profile 1/4/8{words}), fp32"
+            for x, e in zip(xs, expected):
+                np.testing.assert_allclose(be.infer(x), e, atol=1e-5)
+            # 1 ms per copy and engine run; a capture adds no run (slot B captures its second batch of 4)
+            assert be.device_times_ms == {"h2d": 6.0, "compute": 6.0, "d2h": 6.0}
+            if graph:
+                assert be.describe().endswith("CUDA graphs: 1 of 6 batches replayed, 1 captures), fp32")
+    assert (dev.launches, dev.captures, dev.engine_runs) == ((1, 1, 6) if graph else (0, 0, 6))
     assert dev.idle() and not rt.host  # device, pinned host memory, streams and graphs all released
 
 
@@ -146,7 +155,7 @@ def test_the_cuda_python_interface_moves_the_right_bytes(cudart, tmp_path, graph
 def test_a_failing_cuda_call_is_one_error_naming_it(cudart, tmp_path, call, code, message):
     from runtime.backends.cuda import CudaError
 
-    dev, rt = cudart({call: code})
+    dev, rt = cudart({call: code}, driver_version=0)  # 35 with no driver at all
     plan, _ = write_plan(tmp_path, PROFILE)
     with pytest.raises(CudaError) as e:
         open_backend(plan).activate()
@@ -177,9 +186,11 @@ def test_the_pycuda_interface_runs_the_backend_without_graphs(tmp_path, monkeypa
         for x in xs:
             np.testing.assert_allclose(be.infer(x), ref_be.infer(x), atol=1e-5)
         assert not be.use_graph  # capture is not available through pycuda: plain enqueues instead
-        assert be.describe() == "tensorrt (pycuda, batch profile 1/4/8), fp32"
+        assert be.describe() == "tensorrt (pycuda, batch profile 1/4/8, no CUDA graphs through pycuda), fp32"
         assert be.device_times_ms["h2d"] == 5.0
-    assert dev.idle() and not drv.contexts  # buffers and streams freed, the context popped
+        assert len(drv.host) == 4  # two page-locked buffers per slot
+    # buffers and streams freed, page-locked host memory freed through its .base, the context popped
+    assert dev.idle() and not drv.contexts and not drv.host
 
 
 def test_batches_below_the_profiles_minimum_are_padded(tmp_path, monkeypatch):
@@ -219,6 +230,10 @@ def test_seg_run_on_a_plan_writes_the_masks_onnxruntime_writes(fake_plan, tmp_pa
         )
         assert code == 0, text
     assert cuda.dev.launches > 0
+    assert (
+        f"backend after the run: tensorrt (fake-cuda, batch profile 1/4/8, CUDA graphs: {cuda.dev.launches} of 10"
+        in text
+    )
     for k in range(2):
         a = np.asanyarray(nib.load(str(tmp_path / "ort" / f"case{k}_seg.nii.gz")).dataobj)
         b = np.asanyarray(nib.load(str(tmp_path / "trt" / f"case{k}_seg.nii.gz")).dataobj)
@@ -308,16 +323,19 @@ def test_build_engine_writes_a_plan_the_backend_runs(fake_trt, tmp_path, capsys,
     for _ in range(2):
         code, text = run_main(export_cli, build_cmd(onnx_path, plan, cache), capsys, "seg-export")
         assert code == 0, text
-    assert f"TensorRT {version} on Fake GPU, batch 1/4/8, 3 MiB device memory" in text
     side = read_sidecar(plan)
     assert side["profile"] == {"min_batch": 1, "opt_batch": 4, "max_batch": 8} and side["tensorrt_version"] == version
     assert side["onnx_sha256"] == file_sha256(onnx_path) and side["builder"]["strongly_typed"]
     build = trt.builds[-1]
-    # strongly typed, no precision flags (11.x has none; 10.x refuses FP16 on a strongly typed network)
-    assert build["network"].flags == 1 << 1 and build["config"].flags == []
+    # strongly typed: STRONGLY_TYPED is bit 1 on 10.x and bit 0 on 11.x (NvInfer.h)
+    assert build["network"].flags == (1 << 0 if version.startswith("11.") else 1 << 1)
+    # no precision flags (11.x has none; 10.x refuses FP16 on a strongly typed network), and TF32,
+    # on by default, is cleared so that an FP32 plan computes in FP32
+    assert build["flags"] == set() and side["builder"]["tf32"] is False
     assert build["config"].profiles[0].shapes == {"slices": ((1, 1, 64, 64), (4, 1, 64, 64), (8, 1, 64, 64))}
     assert build["config"].pools == {0: 1024 << 20}
-    assert cache.read_bytes() == b"++"  # the second build started from the first one's cache
+    # the second build started from the first one's cache
+    assert cache.read_bytes() == f"{version}/Fake GPU\n++".encode() and side["builder"]["timing_cache_reused"]
     x = batches([4])[0]
     with open_backend(onnx_path) as ref_be, open_backend(plan) as be:
         np.testing.assert_allclose(be.infer(x), ref_be.infer(x), atol=1e-5)
@@ -343,3 +361,168 @@ def test_a_failed_build_says_why_and_writes_nothing(fake_trt, tmp_path, capsys, 
     else:
         assert "could not build the engine" in text
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx"]
+
+
+# ------------------------------------------------------------------------ issue 36: the GPU path vs the real APIs
+def write_plan_with(tmp_path, profile=PROFILE, **options):
+    """(plan, onnx): like ``write_plan``, with fake engine options (see fake_gpu.fake_plan_bytes)."""
+    plan, onnx_path = write_plan(tmp_path, profile)
+    plan.write_bytes(fake_plan_bytes(onnx_path.read_bytes(), profile, **options))
+    side = json.loads(sidecar_path(plan).read_text())
+    side["plan_sha256"] = file_sha256(plan)
+    sidecar_path(plan).write_text(json.dumps(side))
+    return plan, onnx_path
+
+
+def test_a_timing_cache_from_another_gpu_is_refused_and_the_build_goes_on(fake_trt, tmp_path, capsys):
+    from export.cli import cli as export_cli
+    from runtime.backends.plan import read_sidecar
+    from tests.conftest import run_main
+
+    fake_trt("10.3.0")
+    onnx_path = threshold_model(tmp_path / "m.onnx", threshold_spec(), tumour_level=0.6)
+    plan, cache = tmp_path / "m.plan", tmp_path / "timing.cache"
+    cache.write_bytes(b"10.3.0/Another GPU\n+++")  # set_timing_cache returns False for it
+    code, text = run_main(export_cli, build_cmd(onnx_path, plan, cache), capsys, "seg-export")
+    assert code == 0 and "Traceback" not in text, text
+    assert "refused this timing cache" in text and "building without it and writing a fresh one" in text
+    assert plan.is_file() and cache.read_bytes() == b"10.3.0/Fake GPU\n+"  # a fresh cache for this GPU
+    assert read_sidecar(plan)["builder"]["timing_cache_reused"] is False
+
+
+def test_tf32_is_a_recorded_choice(fake_trt, tmp_path, capsys):
+    from export.cli import cli as export_cli
+    from runtime.backends.plan import read_sidecar
+    from tests.conftest import run_main
+
+    trt = fake_trt("11.4.0.106")
+    onnx_path = threshold_model(tmp_path / "m.onnx")
+    plan = tmp_path / "m.plan"
+    code, text = run_main(export_cli, ["build-engine", onnx_path, "-o", plan, "--tf32"], capsys, "seg-export")
+    assert code == 0, text
+    assert trt.builds[-1]["flags"] == {trt.BuilderFlag.TF32} and read_sidecar(plan)["builder"]["tf32"] is True
+
+
+def test_the_sidecar_reports_the_memory_seg_run_allocates_and_no_builder_outlives_the_build(fake_trt, tmp_path, capsys):
+    from export.cli import cli as export_cli
+    from runtime.backends.plan import read_sidecar
+    from tests.conftest import run_main
+
+    trt = fake_trt("10.3.0")
+    cuda = sys.modules["runtime.backends.tensorrt"].load_cuda()
+    onnx_path = threshold_model(tmp_path / "m.onnx", threshold_spec(), tumour_level=0.6)
+    plan, cache = tmp_path / "m.plan", tmp_path / "timing.cache"
+    code, text = run_main(export_cli, build_cmd(onnx_path, plan, cache), capsys, "seg-export")
+    assert code == 0, text
+    assert trt.deserialized_with_builders == [0]  # the builder was freed before the plan was read back
+    mem = read_sidecar(plan)["device_memory"]
+    # two buffer slots, each with a STATIC context (3 MiB of activations) and I/O buffers for batch 8:
+    # 8x1x64x64 float32 in, 8x3x64x64 float32 out
+    io = 8 * 64 * 64 * 4 * (1 + 3)
+    assert mem == {"contexts": 2, "activation_bytes_per_context": 3 << 20, "io_bytes_per_slot": io,
+                   "total_bytes": 2 * ((3 << 20) + io)}  # fmt: skip
+    assert "seg-run allocates 7 MiB of device memory besides the weights (2 contexts x 3 MiB" in text
+    with open_backend(plan) as be:
+        allocated = sum(len(b) for b in cuda.dev.buffers.values())
+        assert allocated == mem["total_bytes"] == be.device_bytes
+    assert cuda.dev.idle()
+
+
+def test_engines_with_more_outputs_get_every_tensor_bound(tmp_path, monkeypatch):
+    plan, onnx_path, cuda = make_fake_plan(tmp_path, monkeypatch, PROFILE)
+    plan, onnx_path = write_plan_with(tmp_path, extra_outputs=["aux", "deep_supervision"])
+    xs = batches([4, 8, 3], seed=5)
+    with open_backend(onnx_path) as ref_be, open_backend(plan) as be:
+        for x in xs:
+            np.testing.assert_allclose(be.infer(x), ref_be.infer(x), atol=1e-5)
+    assert cuda.dev.idle() and not cuda.host
+
+
+@pytest.mark.parametrize("how", ["invalidate", "graph"])
+def test_a_capture_that_fails_part_way_is_ended_as_trtexec_does(cudart, tmp_path, how):
+    dev, rt = cudart()
+    plan, onnx_path = write_plan_with(tmp_path, capturable=False, capture_failure=how if how == "invalidate" else None)
+    xs = batches([4, 4, 4, 4, 4], seed=6)
+    with open_backend(onnx_path) as ref_be, open_backend(plan, cuda_graph=True) as be:
+        for x in xs:
+            np.testing.assert_allclose(be.infer(x), ref_be.infer(x), atol=1e-5)
+        words = be.describe()
+    assert dev.idle() and not rt.host  # no graph left behind: not instantiated, destroyed
+    assert dev.last_error == 0  # cleared with cudaGetLastError after the failed capture
+    assert dev.launches == 0 and dev.engine_runs == len(xs)
+    assert not be.use_graph and "no CUDA graphs: capture failed" in words
+    assert be.graph_stats["capture_failures"] == 1 and be.graph_stats["replays"] == 0
+
+
+def test_cuda_graphs_capture_the_batch_size_actually_used(tmp_path, monkeypatch):
+    plan, onnx_path, cuda = make_fake_plan(tmp_path, monkeypatch, PROFILE)
+    xs = batches([6] * 7 + [2], seed=7)  # --batch-size 6 on a 1/4/8 profile, then a partial batch
+    with open_backend(onnx_path) as ref_be, open_backend(plan, cuda_graph=True) as be:
+        for x in xs:
+            np.testing.assert_allclose(be.infer(x), ref_be.infer(x), atol=1e-5)
+        # each slot runs its first 6 plainly, captures its second and replays the rest
+        assert cuda.dev.launches == 5 and cuda.dev.engine_runs == len(xs)
+        assert be.graph_stats == {"captures": 2, "replays": 5, "plain": 3, "capture_failures": 0}
+        assert "CUDA graphs: 5 of 8 batches replayed, 2 captures" in be.describe()
+    assert cuda.dev.idle()
+
+
+def test_float16_engine_io_runs_through_nptype(tmp_path, monkeypatch):
+    plan, onnx_path, cuda = make_fake_plan(tmp_path, monkeypatch, PROFILE)
+    plan, onnx_path = write_plan_with(tmp_path, io_dtype="float16")
+    x = batches([4], seed=8)[0]
+    with open_backend(onnx_path) as ref_be, open_backend(plan) as be:
+        assert be.input_dtype == np.float16
+        got = be.infer(x)
+        assert got.dtype == np.float32
+        np.testing.assert_allclose(got, ref_be.infer(x), rtol=2e-3, atol=2e-2)
+
+
+@pytest.mark.parametrize(
+    "options, needle",
+    [
+        ({"io_dtype": "bfloat16"}, "engine tensor 'slices' is BF16, which numpy cannot hold"),
+        ({"profile_error": True}, "TensorRT could not select the plan's optimisation profile"),
+    ],
+)
+def test_engines_the_backend_cannot_feed_are_one_clear_error(tmp_path, monkeypatch, capsys, options, needle):
+    from runtime.cli import cli
+    from tests.conftest import run_main
+
+    _, _, cuda = make_fake_plan(tmp_path, monkeypatch, PROFILE)
+    plan, _ = write_plan_with(tmp_path, **options)
+    vol = save_volume(tmp_path)
+    code, text = run_main(cli, [vol, "--model", plan, "-o", tmp_path / "out"], capsys)
+    assert code != 0 and "Traceback" not in text and needle in text, text
+    assert not list(tmp_path.glob("out/*")) and cuda.dev.idle() and not cuda.host
+
+
+def save_volume(tmp_path):
+    from runtime.phantoms import canonical, make_phantom
+    from tests.conftest import save_nifti
+
+    hu, _, (sz, sy, sx) = canonical(make_phantom(5, 0, size=64, slices=10))
+    return save_nifti(tmp_path / "v.nii.gz", np.ascontiguousarray(hu.transpose(2, 1, 0)), np.diag([sx, sy, sz, 1.0]))
+
+
+def test_error_35_from_a_driver_older_than_cuda_bindings_13_says_so(cudart, tmp_path, monkeypatch):
+    import runtime.backends.cuda as cuda_mod
+    from runtime.backends.cuda import CudaError
+
+    dev, rt = cudart({"cudaGetDeviceCount": 35}, driver_version=12040)  # an r550 driver: CUDA 12.4
+    monkeypatch.setattr(cuda_mod, "binding_major", lambda: 13, raising=False)
+    plan, _ = write_plan(tmp_path, PROFILE)
+    with pytest.raises(CudaError) as e:
+        open_backend(plan).activate()
+    assert "the NVIDIA driver (CUDA 12.4) is too old for cuda-bindings 13" in str(e.value)
+    assert 'pip install "unet-edge[trt-cu12]"' in str(e.value)
+
+
+def test_a_binding_for_another_cuda_major_than_tensorrts_wheel_is_named(monkeypatch):
+    import runtime.backends.cuda as cuda_mod
+
+    monkeypatch.setattr(cuda_mod, "tensorrt_cuda_major", lambda: 12)
+    monkeypatch.setattr(cuda_mod, "binding_major", lambda: 13)
+    assert "tensorrt-cu12" in cuda_mod.binding_mismatch() and "unet-edge[trt-cu12]" in cuda_mod.binding_mismatch()
+    monkeypatch.setattr(cuda_mod, "binding_major", lambda: 12)
+    assert cuda_mod.binding_mismatch() is None

@@ -13,9 +13,11 @@ import ctypes
 import numpy as np
 
 from ..errors import MissingDependency, SegError
-from .plan import DeviceInfo
+from .plan import DeviceInfo, parse_version
 
 NO_GPU = {35: "no NVIDIA driver could be loaded", 100: "no CUDA-capable GPU was found"}
+INSUFFICIENT_DRIVER = 35  # cudaErrorInsufficientDriver: no driver at all, or one older than the runtime needs
+CAPTURE_INVALIDATED = 901  # cudaErrorStreamCaptureInvalidated (driver_types.h)
 
 
 class CudaError(SegError):
@@ -30,17 +32,81 @@ def _import_cudart():
     return cudart
 
 
+def _native_handle_getter():
+    """cuda.bindings.utils.get_cuda_native_handle (cuda-bindings 12.9.1+: ``int(handle)`` is
+    deprecated there), or None on older bindings, where ``int()`` is the way."""
+    try:
+        from cuda.bindings.utils import get_cuda_native_handle
+    except ImportError:
+        return None
+    return get_cuda_native_handle
+
+
+def _distribution_version(*names: str) -> tuple[str, str] | None:
+    """(name, version) of the first installed distribution among ``names``."""
+    from importlib import metadata
+
+    for name in names:
+        try:
+            return name, metadata.version(name)
+        except metadata.PackageNotFoundError:
+            continue
+    return None
+
+
+def binding_major() -> int | None:
+    """The CUDA major version of the installed cuda-bindings (or cuda-python) wheel."""
+    found = _distribution_version("cuda-bindings", "cuda-python")
+    return parse_version(found[1])[0] if found else None
+
+
+def tensorrt_cuda_major() -> int | None:
+    """The CUDA major version TensorRT's pip wheel was built for (tensorrt-cu12 / -cu13), or None
+    when TensorRT is not a pip wheel (JetPack's system package)."""
+    for major in (13, 12, 11):
+        if _distribution_version(f"tensorrt-cu{major}", f"tensorrt-cu{major}-bindings", f"tensorrt-cu{major}-libs"):
+            return major
+    return None
+
+
+def binding_mismatch() -> str | None:
+    """A sentence naming a CUDA-major mismatch between TensorRT's wheel and the CUDA binding, or None."""
+    trt_major, bind_major = tensorrt_cuda_major(), binding_major()
+    if trt_major is None or bind_major is None or trt_major == bind_major:
+        return None
+    return (
+        f"TensorRT is the CUDA {trt_major} wheel (tensorrt-cu{trt_major}) but the CUDA binding is for CUDA "
+        f'{bind_major}; install the matching one: pip install "unet-edge[trt-cu{trt_major}]"'
+    )
+
+
 class CudaPython:
     name = "cuda-python"
+    can_capture = True
 
     def __init__(self) -> None:
         self.rt = _import_cudart()
+        self._native = _native_handle_getter()
         err, count = self.rt.cudaGetDeviceCount()
         if int(err) != 0 or not count:
-            raise CudaError(
-                f"cannot use the GPU: {NO_GPU.get(int(err), self._msg(err))} (cudaGetDeviceCount returned {int(err)})"
-            )
+            raise CudaError(f"cannot use the GPU: {self._why_no_gpu(err)} (cudaGetDeviceCount returned {int(err)})")
         self._host: dict[int, int] = {}
+
+    def _why_no_gpu(self, err) -> str:
+        """Error 35 means no driver, or a driver older than this binding's CUDA (cuda-bindings 13
+        needs r580+, so r535-r570 drivers give 35 too); the driver's own version tells which."""
+        if int(err) != INSUFFICIENT_DRIVER:
+            return NO_GPU.get(int(err), self._msg(err))
+        e, driver = self.rt.cudaDriverGetVersion()  # works without a usable driver: 0 when none loads
+        major = binding_major()
+        if int(e) == 0 and driver and major and driver // 1000 < major:
+            return (
+                f"the NVIDIA driver (CUDA {driver // 1000}.{driver % 1000 // 10}) is too old for cuda-bindings "
+                f"{major} (CUDA {major} needs a newer driver{', r580 or later' if major == 13 else ''}); "
+                f'install the CUDA {driver // 1000} binding: pip install "unet-edge[trt-cu{driver // 1000}]"'
+            )
+        mismatch = binding_mismatch()
+        return NO_GPU[INSUFFICIENT_DRIVER] + (f"; also, {mismatch}" if mismatch else "")
 
     def _msg(self, err) -> str:
         e, s = self.rt.cudaGetErrorString(err)
@@ -77,7 +143,7 @@ class CudaPython:
         return self._ok(self.rt.cudaStreamCreateWithFlags(self.rt.cudaStreamNonBlocking), "cudaStreamCreateWithFlags")
 
     def stream_handle(self, stream) -> int:
-        return int(stream)
+        return int(self._native(stream)) if self._native else int(stream)
 
     def destroy_stream(self, stream) -> None:
         self._ok(self.rt.cudaStreamDestroy(stream), "cudaStreamDestroy")
@@ -125,6 +191,18 @@ class CudaPython:
         self._ok(self.rt.cudaGraphDestroy(graph), "cudaGraphDestroy")  # the executable graph does not need it
         return self._ok(instantiated, "cudaGraphInstantiate")
 
+    def end_capture_on_error(self, stream) -> None:
+        """End a capture whose enqueue failed, as trtexec does (sampleDevice.h endCaptureOnError):
+        an invalidated capture returns no graph; otherwise the graph exists but must not be used,
+        so it is destroyed, never instantiated; then the sticky error is cleared."""
+        err, graph = self.rt.cudaStreamEndCapture(stream)
+        if int(err) == 0 and graph is not None:
+            self._ok(self.rt.cudaGraphDestroy(graph), "cudaGraphDestroy")
+        elif int(err) != CAPTURE_INVALIDATED:
+            self.rt.cudaGetLastError()
+            raise CudaError(f"cudaStreamEndCapture failed: {self._msg(err)} ({int(err)})")
+        self.rt.cudaGetLastError()
+
     def launch(self, graph_exec, stream) -> None:
         self._ok(self.rt.cudaGraphLaunch(graph_exec, stream), "cudaGraphLaunch")
 
@@ -139,6 +217,7 @@ class PyCuda:
     """The same interface over pycuda (a context is made current in this thread)."""
 
     name = "pycuda"
+    can_capture = False
 
     def __init__(self) -> None:
         import pycuda.driver as drv
@@ -208,6 +287,9 @@ class PyCuda:
     def end_capture(self, stream):
         raise CudaError("CUDA graph capture is not available through pycuda here")
 
+    def end_capture_on_error(self, stream) -> None:
+        raise CudaError("CUDA graph capture is not available through pycuda here")
+
     def launch(self, graph_exec, stream) -> None:
         raise CudaError("CUDA graph capture is not available through pycuda here")
 
@@ -230,7 +312,8 @@ def load_cuda():
         import pycuda.driver  # noqa: F401
     except ImportError:
         raise MissingDependency(
-            "the TensorRT backend needs a CUDA binding: pip install 'unet-edge[trt]' (cuda-python) or pycuda"
+            "the TensorRT backend needs a CUDA binding for TensorRT's CUDA: pip install 'unet-edge[trt-cu12]' "
+            "(or [trt-cu13] beside tensorrt-cu13), or pycuda"
         ) from None
     return PyCuda()
 

@@ -17,6 +17,7 @@ from ..errors import InputError, SegError
 from ..spec import ModelSpec
 
 SIDECAR_VERSION = 1
+BUFFER_SLOTS = 2  # the TensorRT backend's buffer slots: one execution context, stream and I/O buffers each
 
 
 class PlanMismatch(SegError):
@@ -59,7 +60,11 @@ def make_sidecar(
     profile: tuple[int, int, int],
     builder: dict[str, Any],
     device_memory_bytes: int | None,
+    io_bytes_per_slot: int | None = None,
 ) -> dict:
+    """The sidecar. ``device_memory_bytes`` is one execution context's activation memory; the
+    ``device_memory`` entry says what seg-run allocates: every buffer slot holds its own STATIC
+    context (each with that much activation memory) and its own I/O buffers."""
     return {
         "sidecar_version": SIDECAR_VERSION,
         "spec": spec.to_dict(),
@@ -74,7 +79,21 @@ def make_sidecar(
         "profile": {"min_batch": profile[0], "opt_batch": profile[1], "max_batch": profile[2]},
         "builder": builder,
         "device_memory_bytes": device_memory_bytes,
+        "device_memory": runtime_device_memory(device_memory_bytes, io_bytes_per_slot),
         "parity": spec.parity,
+    }
+
+
+def runtime_device_memory(per_context: int | None, io_bytes_per_slot: int | None) -> dict | None:
+    """Device memory the TensorRT backend allocates for a plan (without the engine's weights)."""
+    if per_context is None:
+        return None
+    io = int(io_bytes_per_slot or 0)
+    return {
+        "contexts": BUFFER_SLOTS,
+        "activation_bytes_per_context": int(per_context),
+        "io_bytes_per_slot": io,
+        "total_bytes": BUFFER_SLOTS * (int(per_context) + io),
     }
 
 

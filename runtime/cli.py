@@ -19,14 +19,15 @@ def expand_inputs(inputs: tuple[str, ...]) -> list[Path]:
     """Files, directories (their CT images: label maps of a LiTS or Decathlon dataset are left out)
     and glob patterns, in a stable order."""
     from .datasets import images_in
+    from .dicom import series_inputs
 
     paths: list[Path] = []
     for item in inputs:
         p = Path(item)
         if p.is_dir():
-            found = images_in(p)
+            found = images_in(p) or series_inputs(p, warn=lambda msg: click.echo(f"note: {msg}", err=True))
             if not found:
-                raise InputError(f"{p}: directory holds no .nii or .nii.gz files")
+                raise InputError(f"{p}: directory holds no .nii or .nii.gz files and no DICOM CT series")
             paths += found
         elif any(ch in item for ch in "*?[") and not p.exists():
             found = sorted(Path(q) for q in glob.glob(item))
@@ -65,8 +66,11 @@ def segment_files(
     echo=click.echo,
     probabilities: bool = False,
     min_tumour_ml: float = 0.0,
+    dicom_seg: bool = False,
 ) -> dict[Path, dict | str]:
     """Segment each file; returns {path: report dict, or the error line}. One bad volume never stops the rest."""
+    from . import dicom_seg as dseg
+    from .dicom import report_fields
     from .io import (
         case_name,
         intensity_warning,
@@ -134,10 +138,12 @@ def segment_files(
             stats = volume_stats(labels, vol.spacing)
             t.add("postprocess", time.perf_counter() - s)
             s = time.perf_counter()
+            seg_out = dseg.prepare(dicom_seg, vol, labels, model_hash, out_dir / f"{name}_seg.dcm")
             write_mask(labels, vol, mask_path)
             prob_path = out_dir / f"{name}_prob.nii.gz" if prob is not None else None
             if prob_path is not None:
                 write_nifti(probability_image(prob, vol), prob_path)
+            seg_fields = seg_out.write() if seg_out else {}
             t.add("write", time.perf_counter() - s)
             if overlay:
                 from .overlay import overlay_panel
@@ -164,6 +170,8 @@ def segment_files(
                 "postprocess": postprocess,
                 "min_tumour_ml": min_tumour_ml,
                 "warnings": [warning] if warning else [],
+                **report_fields(vol),
+                **seg_fields,
             }
             write_json_atomic(json_path, report)
             results[p] = report
@@ -240,6 +248,16 @@ def segment_files(
     help="Also write <name>_prob.nii.gz: per-class probabilities (4D, input geometry, "
     "uint8 with scale 1/255; before postprocessing).",
 )
+@click.option(
+    "--dicom-seg",
+    is_flag=True,
+    help="DICOM inputs: also write <case>_seg.dcm, a DICOM Segmentation on the source series (needs unet-edge[dicom]).",
+)
+@click.option(
+    "--to-nifti",
+    is_flag=True,
+    help="Only convert each DICOM series to <case>.nii.gz in -o (the series' geometry, HU); no model is run.",
+)
 @DEBUG_OPTION
 def cli(
     inputs,
@@ -258,8 +276,10 @@ def cli(
     fill_holes,
     probabilities,
     min_tumour_ml,
+    dicom_seg,
+    to_nifti,
 ) -> None:
-    """Segment liver and liver tumours in CT volumes (NIfTI), writing <name>_seg.nii.gz
+    """Segment liver and liver tumours in CT volumes (NIfTI files or DICOM series folders), writing <name>_seg.nii.gz
     (uint8: 0 background, 1 liver, 2 tumour; the input's geometry) and <name>.json
     (volumes in mL, tumour count and burden, per-stage timings, backend, model hash).
 
@@ -268,6 +288,8 @@ def cli(
       seg-run --demo
       seg-run scans/ --model model.onnx -o out/
       seg-run 'scans/*.nii.gz' --model model.plan -o out/ --skip-existing
+      seg-run dicom_study/ --dicom-seg -o out/
+      seg-run dicom_study/ --to-nifti -o nifti/
     """
     from .models import DEMO_NOTE, demo_model_path, open_backend
 
@@ -278,6 +300,11 @@ def cli(
     if out_dir is None:
         raise click.UsageError("missing -o/--out OUT_DIR")
     paths = expand_inputs(inputs)
+    if to_nifti:
+        from .dicom import convert_to_nifti
+
+        check_output_dir(out_dir)
+        sys.exit(EXIT_FAILED if convert_to_nifti(paths, out_dir, click.echo) else 0)
     if model is None:
         model = demo_model_path()
         click.echo(f"note: no --model given; using the embedded demo model: {DEMO_NOTE}", err=True)
@@ -303,6 +330,7 @@ def cli(
             overlay,
             probabilities=probabilities,
             min_tumour_ml=min_tumour_ml,
+            dicom_seg=dicom_seg,
         )
     failed = [p for p, r in results.items() if isinstance(r, str)]
     if failed:

@@ -50,8 +50,8 @@ _PLUGINS = {
     "1.2.840.10008.1.2.4.70": "pylibjpeg-libjpeg",
     "1.2.840.10008.1.2.4.50": "pylibjpeg-libjpeg",
     "1.2.840.10008.1.2.4.51": "pylibjpeg-libjpeg",
-    "1.2.840.10008.1.2.4.80": "pylibjpeg-libjpeg",
-    "1.2.840.10008.1.2.4.81": "pylibjpeg-libjpeg",
+    "1.2.840.10008.1.2.4.80": "pyjpegls",
+    "1.2.840.10008.1.2.4.81": "pyjpegls",
     "1.2.840.10008.1.2.4.90": "pylibjpeg-openjpeg",
     "1.2.840.10008.1.2.4.91": "pylibjpeg-openjpeg",
     "1.2.840.10008.1.2.5": "pylibjpeg-rle",
@@ -72,6 +72,12 @@ _HEADER_TAGS = [
 def pydicom():
     """The pydicom module, or a one-line error naming the extra."""
     return require("pydicom", "dicom", "reading DICOM", hint='pip install "unet-edge[dicom]"')
+
+
+def _blocked(module: str) -> bool:
+    import sys
+
+    return module in sys.modules and sys.modules[module] is None
 
 
 def is_series_path(path: str | os.PathLike) -> bool:
@@ -109,6 +115,7 @@ class DicomVolume(Volume):
         """The identifiers the case's JSON records (never the patient's name)."""
         s = self.series
         return {
+            "input_format": "dicom",  # so the "read" timing is the DICOM read
             "dicom": {
                 "study_instance_uid": s.study_uid,
                 "series_instance_uid": s.uid,
@@ -116,7 +123,7 @@ class DicomVolume(Volume):
                 "files": len(s.files),
                 "folder": str(s.folder),
                 "gantry_tilt_sheared": self.sheared,
-            }
+            },
         }
 
 
@@ -212,9 +219,9 @@ def series_inputs(folder: str | os.PathLike, warn: Callable[[str], None] | None 
 
     Without pydicom: [] for a folder with no DICOM files, else a one-line error naming the extra.
     """
-    try:
-        import pydicom  # noqa: F401
-    except ImportError:
+    import importlib.util
+
+    if importlib.util.find_spec("pydicom") is None or _blocked("pydicom"):
         if any(_looks_dicom(p) for p in _files(Path(folder))):
             pydicom()  # raises, naming the extra
         return []
@@ -379,10 +386,16 @@ def _order(frames: list[_Frame], files: list[Path]) -> tuple[list[_Frame], np.nd
         raise InputError(
             f"non-uniform slice spacing: a gap of {gaps[i]:.2f} mm (expected {step:.2f} mm) after position "
             f"{d[i]:.2f} mm along the normal ({files[frames[i].source].name}); "
-            f"{'a slice is missing' if gaps[i] > step else 'slices overlap'}: re-export the complete series"
+            f"{_gap_kind(gaps[i], step)}; re-export the complete series"
         )
     mean_step = (frames[-1].ipp - frames[0].ipp) / (len(frames) - 1)
     return frames, mean_step
+
+
+def _gap_kind(gap: float, step: float) -> str:
+    if gap > 1.5 * step:
+        return f"about {round(gap / step) - 1} slice(s) missing"
+    return "slices unevenly spaced" if gap > step else "slices closer than the rest"
 
 
 def _header(affine: np.ndarray, shape: tuple[int, int, int], zooms: np.ndarray, sheared: bool) -> nib.Nifti1Header:
@@ -424,8 +437,12 @@ def read_series(series: Series) -> DicomVolume:
         datasets.append(ds)
     if any(len(px) != len(_frames_of(ds, 0, p)) for px, ds, p in zip(pixels, datasets, files)):
         raise InputError(f"{files[0]}: number of frames disagrees with the per-frame geometry; re-export the series")
-    _check_same(frames, files)
-    frames, step = _order(frames, files)
+    try:
+        _check_same(frames, files)
+        frames, step = _order(frames, files)
+    except InputError as exc:
+        where = f"{files[0].parent} (series {series.case or series.uid})"
+        raise InputError(f"{where}: {exc}" if not str(exc).startswith(str(files[0].parent)) else str(exc)) from None
     ref = frames[0]
     rows, cols = ref.size
     n = len(frames)

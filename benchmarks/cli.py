@@ -22,6 +22,7 @@ def cli() -> None:
       seg-bench parity model.onnx model.fp16.onnx model.int8.onnx --data data/heldout
       seg-bench score predictions/ labels/
       seg-bench train-step --width 16,24,32
+      seg-bench dicom-read
     """
 
 
@@ -46,10 +47,11 @@ def _volumes(volumes: Path | None, quick: bool, tmp: Path) -> list[str]:
     if volumes.is_file():
         return [str(volumes)]
     from runtime.datasets import images_in
+    from runtime.dicom import series_inputs
 
-    paths = [str(p) for p in images_in(volumes)]
+    paths = [str(p) for p in images_in(volumes) or series_inputs(volumes)]  # NIfTI files, else DICOM series
     if not paths:
-        raise InputError(f"{volumes}: no NIfTI volumes found")
+        raise InputError(f"{volumes}: no NIfTI volumes or DICOM CT series found")
     return paths[:1] if quick else paths
 
 
@@ -58,7 +60,7 @@ def _volumes(volumes: Path | None, quick: bool, tmp: Path) -> list[str]:
 @click.option(
     "--volumes",
     type=click.Path(path_type=Path),
-    help="A volume or directory (default: a generated 200-slice 512x512 phantom).",
+    help="A volume or directory of volumes or DICOM series (default: a generated 200-slice 512x512 phantom).",
 )
 @click.option(
     "--batch", "batches", default="1,2,4,8,16", show_default=True, help="Batch sizes for the per-slice suite."
@@ -357,6 +359,37 @@ def score(pred_dir, label_dir, out_dir) -> None:
         write_reports(out_dir, "score", envelope("score", res), md + "\n", [])
     if res["problems"] or not res["per_case"]:
         sys.exit(1)
+
+
+@cli.command("dicom-read")
+@click.option("--slices", default=60, show_default=True, type=click.IntRange(2), help="Slices of the 512x512 phantom.")
+@click.option("--repeats", default=5, show_default=True, type=click.IntRange(1), help="Reads of each format (median).")
+@click.option(
+    "--compress",
+    type=click.Choice(["none", "rle", "jpeg-ls", "jpeg2000"]),
+    default="none",
+    show_default=True,
+    help="Transfer syntax of the series.",
+)
+@click.option("-o", "--out", "out_dir", type=click.Path(path_type=Path), default=Path("bench-dicom"), show_default=True)
+def dicom_read(slices, repeats, compress, out_dir) -> None:
+    """DICOM series read time per slice against the .nii.gz read of the same 512x512 phantom
+    (needs unet-edge[dicom]); dicom_read.json and dicom_read.md.
+
+    \b
+    Example:
+      seg-bench dicom-read --slices 60 --repeats 5 -o reports/dicom
+    """
+    from .dicom_read import markdown, measure
+    from .report import envelope, write_reports
+
+    syntax = {"none": None, "rle": "1.2.840.10008.1.2.5", "jpeg-ls": "1.2.840.10008.1.2.4.80"}
+    syntax["jpeg2000"] = "1.2.840.10008.1.2.4.90"
+    res = measure(slices=slices, repeats=repeats, compress=syntax[compress])
+    md = markdown(res)
+    write_reports(out_dir, "dicom_read", envelope("dicom-read", res), md, [])
+    click.echo(md)
+    click.echo(f"reports in {out_dir}")
 
 
 def main() -> None:

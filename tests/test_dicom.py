@@ -401,3 +401,27 @@ def test_dciodvfy_finds_no_errors_in_our_seg(tmp_path, phantom, model, capsys):
     assert "Segmentation" in text
     errors = [ln for ln in text.splitlines() if ln.startswith("Error")]
     assert not errors, text
+
+
+# ---- seg-bench --------------------------------------------------------------------------------------------
+
+
+def test_seg_bench_takes_a_dicom_folder(tmp_path, phantom):
+    from benchmarks.cli import _volumes
+    from benchmarks.latency import real_slices
+    from tests.models import threshold_spec
+
+    write_ct_series(phantom.hu, phantom.affine, tmp_path / "s")
+    (path,) = _volumes(tmp_path / "s", quick=False, tmp=tmp_path)
+    assert path.endswith("PHANTOM01_20260101_3.dcmseries")
+    dicom._CACHE.clear()  # the latency worker is another process: the path alone must find the series again
+    x = real_slices([Path(path)], threshold_spec(), n=4)
+    assert x.shape[0] == 4 and np.isfinite(x).all() and x.std() > 0
+
+
+def test_dicom_read_benchmark_compares_the_same_volume(tmp_path):
+    from benchmarks.dicom_read import markdown, measure
+
+    res = measure(slices=4, size=64, repeats=1)
+    assert res["dicom_read_ms_per_slice"]["median"] > 0 and res["ratio_dicom_to_nifti"] > 0
+    assert "DICOM / NIfTI" in markdown(res)

@@ -110,3 +110,84 @@ def write_ct_series(
         dcm.dcmwrite(path, ds, enforce_file_format=True)
         written.append(path)
     return written
+
+
+def write_enhanced_ct(
+    hu: np.ndarray,
+    affine: np.ndarray,
+    path: str | os.PathLike,
+    ids: SeriesIds | None = None,
+    frame_order: list[int] | None = None,
+) -> Path:
+    """Write ``hu`` (i, j, k) with RAS ``affine`` as one Enhanced CT (multi-frame) file.
+
+    Geometry goes into the functional groups: orientation, pixel measures and rescale shared,
+    one plane position per frame; ``frame_order`` lists which k each frame holds (default 0..n-1).
+    """
+    dcm = pydicom()
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.sequence import Sequence
+    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+    from .dicom import ENHANCED_CT_IMAGE
+
+    ids = ids or new_ids()
+    order = list(range(hu.shape[2])) if frame_order is None else list(frame_order)
+    lps = np.diag([-1.0, -1.0, 1.0, 1.0]) @ affine
+    col_mm, row_mm = np.linalg.norm(lps[:3, 0]), np.linalg.norm(lps[:3, 1])
+
+    def item(**kw) -> Dataset:
+        d = Dataset()
+        for k, v in kw.items():
+            setattr(d, k, v)
+        return d
+
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID = ENHANCED_CT_IMAGE, generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = Dataset()
+    ds.file_meta = meta
+    ds.SpecificCharacterSet = "ISO_IR 100"
+    ds.SOPClassUID, ds.SOPInstanceUID = ENHANCED_CT_IMAGE, meta.MediaStorageSOPInstanceUID
+    ds.PatientName, ds.PatientID, ds.PatientBirthDate, ds.PatientSex = ids.patient_name, ids.patient_id, "", "F"
+    ds.StudyInstanceUID, ds.StudyDate, ds.StudyTime = ids.study_uid, ids.study_date, "120000"
+    ds.StudyID, ds.AccessionNumber, ds.ReferringPhysicianName = "1", "A1", ""
+    ds.Modality, ds.Manufacturer = "CT", "unet-edge phantom"
+    ds.SeriesInstanceUID, ds.SeriesNumber = ids.series_uid, ids.series_number
+    ds.FrameOfReferenceUID, ds.PositionReferenceIndicator = ids.frame_uid, ""
+    ds.InstanceNumber, ds.ImageType = 1, ["ORIGINAL", "PRIMARY", "VOLUME", "NONE"]
+    ds.ContentDate, ds.ContentTime, ds.AcquisitionNumber = ids.study_date, "120000", 1
+    ds.Rows, ds.Columns, ds.NumberOfFrames = int(hu.shape[1]), int(hu.shape[0]), len(order)
+    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 0
+    ds.SharedFunctionalGroupsSequence = Sequence(
+        [
+            item(
+                PlaneOrientationSequence=Sequence(
+                    [item(ImageOrientationPatient=[f"{v:.6f}" for v in (*lps[:3, 0] / col_mm, *lps[:3, 1] / row_mm)])]
+                ),
+                PixelMeasuresSequence=Sequence(
+                    [item(PixelSpacing=[f"{row_mm:.6f}", f"{col_mm:.6f}"], SliceThickness=f"{abs(lps[2, 2]):.6f}")]
+                ),
+                PixelValueTransformationSequence=Sequence(
+                    [item(RescaleIntercept="-1024", RescaleSlope="1", RescaleType="HU")]
+                ),
+            )
+        ]
+    )
+    ds.PerFrameFunctionalGroupsSequence = Sequence(
+        [
+            item(
+                PlanePositionSequence=Sequence(
+                    [item(ImagePositionPatient=[f"{v:.6f}" for v in (lps @ np.array([0.0, 0.0, k, 1.0]))[:3]])]
+                )
+            )
+            for k in order
+        ]
+    )
+    frames = np.stack([hu[:, :, k].T.astype(np.int32) + 1024 for k in order])
+    ds.PixelData = np.ascontiguousarray(frames.astype("<u2")).tobytes()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    dcm.dcmwrite(path, ds, enforce_file_format=True)
+    return path

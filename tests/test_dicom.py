@@ -425,3 +425,26 @@ def test_dicom_read_benchmark_compares_the_same_volume(tmp_path):
     res = measure(slices=4, size=64, repeats=1)
     assert res["dicom_read_ms_per_slice"]["median"] > 0 and res["ratio_dicom_to_nifti"] > 0
     assert "DICOM / NIfTI" in markdown(res)
+
+
+def test_enhanced_multiframe_ct_reads_and_gets_a_seg(tmp_path, phantom):
+    import highdicom as hd
+
+    from runtime.dicom_seg import seg_bytes
+    from runtime.dicom_write import write_enhanced_ct
+
+    order = list(np.random.default_rng(2).permutation(phantom.hu.shape[2]))  # frames stored out of order
+    write_enhanced_ct(phantom.hu, phantom.affine, tmp_path / "e" / "ct.dcm", frame_order=order)
+    vol = dicom.read_series(only_series(tmp_path / "e"))
+    hu, _, spacing = canonical(phantom)
+    np.testing.assert_array_equal(vol.data, hu)
+    np.testing.assert_allclose(vol.spacing, spacing, rtol=1e-5)
+    labels = (vol.data > 0).astype(np.uint8)
+    (tmp_path / "seg.dcm").write_bytes(seg_bytes(vol, labels, "1" * 64))
+    seg = hd.seg.segread(tmp_path / "seg.dcm")
+    uid = vol.sources[0].SOPInstanceUID
+    back = seg.get_pixels_by_source_frame(
+        source_sop_instance_uid=uid, source_frame_numbers=list(range(1, len(order) + 1)), combine_segments=True
+    )
+    expect = np.stack([phantom.hu[:, :, k].T > 0 for k in order]).astype(np.uint8)
+    np.testing.assert_array_equal(back, expect)

@@ -258,6 +258,12 @@ def segment_files(
     is_flag=True,
     help="Only convert each DICOM series to <case>.nii.gz in -o (the series' geometry, HU); no model is run.",
 )
+@click.option(
+    "--resample-gaps",
+    is_flag=True,
+    help="DICOM inputs: interpolate a series with a missing slice or uneven spacing onto a uniform grid "
+    "instead of refusing it.",
+)
 @DEBUG_OPTION
 def cli(
     inputs,
@@ -278,6 +284,7 @@ def cli(
     min_tumour_ml,
     dicom_seg,
     to_nifti,
+    resample_gaps,
 ) -> None:
     """Segment liver and liver tumours in CT volumes (NIfTI files or DICOM series folders), writing <name>_seg.nii.gz
     (uint8: 0 background, 1 liver, 2 tumour; the input's geometry) and <name>.json
@@ -291,6 +298,7 @@ def cli(
       seg-run dicom_study/ --dicom-seg -o out/
       seg-run dicom_study/ --to-nifti -o nifti/
     """
+    from .dicom import set_resample_gaps
     from .models import DEMO_NOTE, demo_model_path, open_backend
 
     if demo:
@@ -300,6 +308,7 @@ def cli(
     if out_dir is None:
         raise click.UsageError("missing -o/--out OUT_DIR")
     paths = expand_inputs(inputs)
+    set_resample_gaps(resample_gaps)
     if to_nifti:
         from .dicom import convert_to_nifti
 

@@ -110,6 +110,7 @@ class DicomVolume(Volume):
     sources: list[Any] = field(default_factory=list)  # source datasets (no pixel data), one per file
     frames: list[tuple[int, int]] = field(default_factory=list)  # per file-layout slice: (source, frame)
     sheared: bool = False
+    resampled: bool = False  # interpolated onto a uniform grid (--resample-gaps): not on the source slices
 
     def report(self) -> dict:
         """The identifiers the case's JSON records (never the patient's name)."""
@@ -123,6 +124,7 @@ class DicomVolume(Volume):
                 "files": len(s.files),
                 "folder": str(s.folder),
                 "gantry_tilt_sheared": self.sheared,
+                "resampled_to_uniform_spacing": self.resampled,
             },
         }
 
@@ -362,8 +364,12 @@ def _check_same(frames: list[_Frame], files: list[Path]) -> None:
             )
 
 
-def _order(frames: list[_Frame], files: list[Path]) -> tuple[list[_Frame], np.ndarray]:
-    """Frames sorted along the normal, and the mean step vector between them (LPS, mm)."""
+def _order(
+    frames: list[_Frame], files: list[Path], resample: bool = False
+) -> tuple[list[_Frame], np.ndarray, np.ndarray, np.ndarray | None]:
+    """Frames sorted along the normal, their positions along it, the mean step vector between the
+    volume's slices (LPS, mm), and with ``resample`` on a non-uniform series, the uniform positions to
+    interpolate to (else None)."""
     iop = frames[0].iop
     normal = np.cross(iop[:3], iop[3:])
     d = np.array([f.ipp @ normal for f in frames])
@@ -381,15 +387,17 @@ def _order(frames: list[_Frame], files: list[Path]) -> tuple[list[_Frame], np.nd
         )
     step = float(np.median(gaps))
     bad = np.flatnonzero(np.abs(gaps - step) > SPACING_REL_TOL * step + 1e-3)
+    if bad.size and resample:
+        n = int(round((d[-1] - d[0]) / step)) + 1
+        return frames, d, (frames[-1].ipp - frames[0].ipp) / (n - 1), np.linspace(d[0], d[-1], n)
     if bad.size:
         i = int(bad[0])
         raise InputError(
             f"non-uniform slice spacing: a gap of {gaps[i]:.2f} mm (expected {step:.2f} mm) after position "
             f"{d[i]:.2f} mm along the normal ({files[frames[i].source].name}); "
-            f"{_gap_kind(gaps[i], step)}; re-export the complete series"
+            f"{_gap_kind(gaps[i], step)}; re-export the complete series, or pass --resample-gaps"
         )
-    mean_step = (frames[-1].ipp - frames[0].ipp) / (len(frames) - 1)
-    return frames, mean_step
+    return frames, d, (frames[-1].ipp - frames[0].ipp) / (len(frames) - 1), None
 
 
 def _gap_kind(gap: float, step: float) -> str:
@@ -412,8 +420,32 @@ def _header(affine: np.ndarray, shape: tuple[int, int, int], zooms: np.ndarray, 
     return hdr
 
 
-def read_series(series: Series) -> DicomVolume:
-    """Read one CT series into a canonical DicomVolume (HU; int16 when the rescale allows, else float32)."""
+_RESAMPLE_GAPS = False
+
+
+def set_resample_gaps(enabled: bool) -> None:
+    """seg-run --resample-gaps: interpolate series with a missing slice or uneven spacing instead of refusing them."""
+    global _RESAMPLE_GAPS
+    _RESAMPLE_GAPS = bool(enabled)
+
+
+def _resample(data: np.ndarray, positions: np.ndarray, targets: np.ndarray) -> np.ndarray:
+    """Slices at sorted ``positions`` linearly interpolated to ``targets`` (mm along the normal)."""
+    lo = np.clip(np.searchsorted(positions, targets, side="right") - 1, 0, len(positions) - 2)
+    w = ((targets - positions[lo]) / (positions[lo + 1] - positions[lo])).astype(np.float32)
+    out = np.empty((len(targets), *data.shape[1:]), data.dtype)
+    for k, (i, wk) in enumerate(zip(lo, w)):
+        plane = data[i] * (1 - wk) + data[i + 1] * wk
+        out[k] = np.rint(plane) if data.dtype.kind == "i" else plane
+    return out
+
+
+def read_series(series: Series, resample: bool | None = None) -> DicomVolume:
+    """Read one CT series into a canonical DicomVolume (HU; int16 when the rescale allows, else float32).
+
+    ``resample`` (default: as set by ``set_resample_gaps``) interpolates a series with uneven
+    spacing onto a uniform grid; such a volume no longer lies on the source slices (no DICOM SEG).
+    """
     dcm = pydicom()
     files = series.files
     datasets, frames, pixels = [], [], []
@@ -439,7 +471,7 @@ def read_series(series: Series) -> DicomVolume:
         raise InputError(f"{files[0]}: number of frames disagrees with the per-frame geometry; re-export the series")
     try:
         _check_same(frames, files)
-        frames, step = _order(frames, files)
+        frames, positions, step, targets = _order(frames, files, _RESAMPLE_GAPS if resample is None else resample)
     except InputError as exc:
         where = f"{files[0].parent} (series {series.case or series.uid})"
         raise InputError(f"{where}: {exc}" if not str(exc).startswith(str(files[0].parent)) else str(exc)) from None
@@ -457,6 +489,8 @@ def read_series(series: Series) -> DicomVolume:
         if integral and (hu.min() < -32768 or hu.max() > 32767):
             raise InputError(f"{files[f.source]}: values outside the int16 range after rescale; is this CT in HU?")
         data[k] = hu
+    if targets is not None:
+        data = _resample(data, positions, targets)
     # LPS voxel (i = column, j = row, k = slice) -> mm; then LPS -> RAS as NIfTI holds it
     r, c = ref.iop[:3], ref.iop[3:]
     lps = np.eye(4)
@@ -484,8 +518,9 @@ def read_series(series: Series) -> DicomVolume:
         path=series.path,
         series=series,
         sources=datasets,
-        frames=[(f.source, f.frame) for f in frames],
+        frames=[] if targets is not None else [(f.source, f.frame) for f in frames],
         sheared=sheared,
+        resampled=targets is not None,
     )
 
 

@@ -50,6 +50,11 @@ def segmentation(vol: Volume, labels: np.ndarray, model_sha256: str | None, seri
 
     if not isinstance(vol, DicomVolume):
         raise InputError(f"{vol.path}: --dicom-seg needs a DICOM series as input (this is not one)")
+    if vol.resampled:
+        raise InputError(
+            f"{vol.path}: the series was resampled to uniform spacing (--resample-gaps), so a DICOM SEG cannot lie "
+            "on its slices; drop --dicom-seg or --resample-gaps for this series"
+        )
     hd = require("highdicom", "dicom", "writing a DICOM SEG", hint='pip install "unet-edge[dicom]"')
     from highdicom.seg import SegmentAlgorithmTypeValues, SegmentationTypeValues, SegmentDescription
 

@@ -32,6 +32,12 @@ needs_real = pytest.mark.skipif(not (REAL / "liver_seg.dcm").exists(), reason=f"
 PATIENT_NAME = "Doe^Jane"
 
 
+@pytest.fixture(autouse=True)
+def _no_resampling_left_over():
+    yield
+    dicom.set_resample_gaps(False)  # seg-run --resample-gaps sets it for the process
+
+
 @pytest.fixture(scope="module")
 def phantom():
     return make_phantom(3, 0, size=64, slices=16)
@@ -448,3 +454,25 @@ def test_enhanced_multiframe_ct_reads_and_gets_a_seg(tmp_path, phantom):
     )
     expect = np.stack([phantom.hu[:, :, k].T > 0 for k in order]).astype(np.uint8)
     np.testing.assert_array_equal(back, expect)
+
+
+def test_resample_gaps_fills_a_missing_slice_by_interpolation(tmp_path, phantom, model, capsys):
+    hu = phantom.hu[:, :, :8]
+    files = write_ct_series(hu, phantom.affine, tmp_path / "gap")
+    files[4].unlink()
+    code, out = run_main(cli, [tmp_path / "gap", "--to-nifti", "-o", tmp_path / "refused"], capsys)
+    assert code != 0 and "--resample-gaps" in out
+    code, out = run_main(cli, [tmp_path / "gap", "--to-nifti", "--resample-gaps", "-o", tmp_path / "n"], capsys)
+    assert code == 0, out
+    vol = read_volume(tmp_path / "n" / "PHANTOM01_20260101_3.nii.gz")
+    filled = vol.to_file_layout(vol.data)
+    assert filled.shape == hu.shape
+    np.testing.assert_array_equal(np.delete(filled, 4, axis=2), np.delete(hu, 4, axis=2))
+    mid = np.rint((hu[:, :, 3].astype(np.float32) + hu[:, :, 5]) / 2)
+    np.testing.assert_array_equal(filled[:, :, 4], mid)
+    np.testing.assert_allclose(vol.affine, phantom.affine, atol=1e-4)
+    code, out = run_main(
+        cli, [tmp_path / "gap", "-m", model, "--resample-gaps", "--dicom-seg", "-o", tmp_path / "o"], capsys
+    )
+    assert code != 0 and "cannot lie on its slices" in out
+    assert not [p for p in (tmp_path / "o").iterdir() if not p.name.startswith(".")]

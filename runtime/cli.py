@@ -19,7 +19,7 @@ def expand_inputs(inputs: tuple[str, ...]) -> list[Path]:
     """Files, directories (their CT images: label maps of a LiTS or Decathlon dataset are left out)
     and glob patterns, in a stable order."""
     from .datasets import images_in
-    from .dicom import series_inputs
+    from .dicom import file_input, series_inputs
 
     paths: list[Path] = []
     for item in inputs:
@@ -35,7 +35,7 @@ def expand_inputs(inputs: tuple[str, ...]) -> list[Path]:
                 raise InputError(f"{item}: the pattern matches no files")
             paths += found
         else:
-            paths.append(p)  # a missing file is reported per volume, and the rest still run
+            paths.append(file_input(p))  # a missing file is reported per volume, and the rest still run
     return list(dict.fromkeys(paths))
 
 
@@ -298,7 +298,7 @@ def cli(
       seg-run dicom_study/ --dicom-seg -o out/
       seg-run dicom_study/ --to-nifti -o nifti/
     """
-    from .dicom import set_resample_gaps
+    from .dicom import is_series_path, set_resample_gaps
     from .models import DEMO_NOTE, demo_model_path, open_backend
 
     if demo:
@@ -309,6 +309,8 @@ def cli(
         raise click.UsageError("missing -o/--out OUT_DIR")
     paths = expand_inputs(inputs)
     set_resample_gaps(resample_gaps)
+    if (dicom_seg or to_nifti) and not any(is_series_path(p) for p in paths):
+        click.echo("note: --dicom-seg and --to-nifti apply to DICOM series; no input is one", err=True)
     if to_nifti:
         from .dicom import convert_to_nifti
 

@@ -236,6 +236,18 @@ def series_inputs(folder: str | os.PathLike, warn: Callable[[str], None] | None 
 _CACHE: dict[str, Series] = {}
 
 
+def file_input(path: Path) -> Path:
+    """A single DICOM file given as input stands for its series (found in its folder); other paths pass through."""
+    if not (path.is_file() and _looks_dicom(path)):
+        return path
+    pydicom()
+    for s in find_series(path.parent):
+        if path.resolve() in {f.resolve() for f in s.files}:
+            _CACHE[str(s.path)] = s
+            return s.path
+    raise InputError(f"{path}: not part of a CT image series (a localizer, SEG, report or other object?)")
+
+
 def resolve(path: str | os.PathLike) -> Series:
     """The Series behind a ``<folder>/<case>.dcmseries`` path (rescanning the folder when needed)."""
     key = str(path)

@@ -476,3 +476,10 @@ def test_resample_gaps_fills_a_missing_slice_by_interpolation(tmp_path, phantom,
     )
     assert code != 0 and "cannot lie on its slices" in out
     assert not [p for p in (tmp_path / "o").iterdir() if not p.name.startswith(".")]
+
+
+def test_one_file_of_a_series_stands_for_its_series(tmp_path, phantom, capsys):
+    write_ct_series(phantom.hu[:, :, :5], phantom.affine, tmp_path / "s")
+    code, out = run_main(cli, [tmp_path / "s" / "IM0002.dcm", "--to-nifti", "-o", tmp_path / "n"], capsys)
+    assert code == 0, out
+    assert read_volume(tmp_path / "n" / "PHANTOM01_20260101_3.nii.gz").num_slices == 5

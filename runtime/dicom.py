@@ -134,6 +134,12 @@ def _sanitise(text: str, fallback: str) -> str:
     return out[:48] or fallback
 
 
+def _tty() -> bool:
+    import sys
+
+    return sys.stderr.isatty()
+
+
 def _looks_dicom(path: Path) -> bool:
     try:
         with open(path, "rb") as f:
@@ -160,7 +166,10 @@ def find_series(folder: str | os.PathLike, warn: Callable[[str], None] | None = 
     groups: dict[str, list[tuple[Path, Any]]] = {}
     skipped: dict[tuple[str, str], list[Path]] = {}
     not_dicom = 0
-    for p in _files(folder):
+    from tqdm import tqdm
+
+    files = _files(folder)
+    for p in tqdm(files, desc=f"scanning {folder.name or folder}", unit="file", leave=False, disable=not _tty()):
         if p.name.upper() == "DICOMDIR":
             warn(f"{p}: skipped, a DICOMDIR index (the images it lists are read from their own files)")
             continue
@@ -293,12 +302,13 @@ def _frames_of(ds, index: int, path: Path) -> list[_Frame]:
     """One _Frame per image plane of a CT or enhanced CT dataset."""
 
     def plane(items: list, frame: int) -> _Frame:
-        ipp, iop, sp = _attr(items, "ImagePositionPatient"), _attr(items, "ImageOrientationPatient"), None
-        sp = _attr(items, "PixelSpacing")
-        if ipp is None or iop is None or sp is None:
-            missing = [n for n, v in (("ImagePositionPatient", ipp), ("ImageOrientationPatient", iop)) if v is None]
-            missing += [] if sp is not None else ["PixelSpacing"]
+        names = ("ImagePositionPatient", "ImageOrientationPatient", "PixelSpacing")
+        ipp, iop, sp = (_attr(items, n) for n in names)
+        missing = [n for n, v in zip(names, (ipp, iop, sp)) if v is None]
+        if missing:
             raise InputError(f"{path}: lacks {', '.join(missing)}; the slice cannot be placed in space")
+        if len(ipp) != 3 or len(iop) != 6 or len(sp) != 2:
+            raise InputError(f"{path}: malformed ImagePositionPatient, ImageOrientationPatient or PixelSpacing")
         slope, inter = _attr(items, "RescaleSlope"), _attr(items, "RescaleIntercept")
         return _Frame(
             index,
@@ -467,8 +477,11 @@ def read_series(series: Series, resample: bool | None = None) -> DicomVolume:
         except Exception as exc:
             msg = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else type(exc).__name__
             raise InputError(f"{p}: cannot be read as DICOM ({msg}); the file may be corrupt or truncated") from exc
-        frames += _frames_of(ds, i, p)
+        planes = _frames_of(ds, i, p)
+        frames += planes
         arr = _pixels(ds, p)
+        if len(arr) != len(planes):
+            raise InputError(f"{p}: holds {len(arr)} frames but geometry for {len(planes)}; re-export the series")
         pad = ds.get("PixelPaddingValue")
         if pad is not None:
             lim = ds.get("PixelPaddingRangeLimit", pad)
@@ -479,8 +492,6 @@ def read_series(series: Series, resample: bool | None = None) -> DicomVolume:
             if tag in ds:
                 del ds[tag]
         datasets.append(ds)
-    if any(len(px) != len(_frames_of(ds, 0, p)) for px, ds, p in zip(pixels, datasets, files)):
-        raise InputError(f"{files[0]}: number of frames disagrees with the per-frame geometry; re-export the series")
     try:
         _check_same(frames, files)
         frames, positions, step, targets = _order(frames, files, _RESAMPLE_GAPS if resample is None else resample)

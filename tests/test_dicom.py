@@ -337,6 +337,11 @@ def corrupt_cases(tmp_path, phantom):
     ds.ImagePositionPatient[2] = float(ds.ImagePositionPatient[2]) + 0.4 * aff_uneven[2, 2]
     ds.save_as(files[5])
     cases[16] = "unevenly spaced"
+    files = write_ct_series(hu, aff, d / "orient", ids=new_ids(series_number=17))
+    ds = pydicom.dcmread(files[1])
+    ds.ImageOrientationPatient = [1, 0, 0, 0, 0.8, -0.6]
+    ds.save_as(files[1])
+    cases[17] = "mixed orientations in one series"
     return cases
 
 

@@ -23,6 +23,7 @@ def cli() -> None:
       seg-bench score predictions/ labels/
       seg-bench train-step --width 16,24,32
       seg-bench gpu-check -o gpu-check
+      seg-bench dicom-read
     """
 
 
@@ -45,17 +46,19 @@ def _volumes(volumes: Path | None, quick: bool, tmp: Path) -> list[str]:
         write_nifti(img, tmp / "phantom.nii.gz")
         return [str(tmp / "phantom.nii.gz")]
     from runtime.datasets import images_in
+    from runtime.dicom import is_series_path, series_inputs
     from runtime.io import read_volume
 
     if volumes.is_dir():
-        paths = [str(p) for p in images_in(volumes)]
+        paths = [str(p) for p in images_in(volumes) or series_inputs(volumes)]  # NIfTI files, else DICOM series
         if not paths:
-            raise InputError(f"{volumes}: no NIfTI volumes found")
+            raise InputError(f"{volumes}: no NIfTI volumes or DICOM CT series found")
     else:
         paths = [str(volumes)]
     paths = paths[:1] if quick else paths
     for p in paths:  # a volume that cannot be read is refused before any timing, not reported as a result
-        read_volume(p)
+        if not is_series_path(p):
+            read_volume(p)
     return paths
 
 
@@ -64,7 +67,7 @@ def _volumes(volumes: Path | None, quick: bool, tmp: Path) -> list[str]:
 @click.option(
     "--volumes",
     type=click.Path(path_type=Path),
-    help="A volume or directory (default: a generated 200-slice 512x512 phantom).",
+    help="A volume or directory of volumes or DICOM series (default: a generated 200-slice 512x512 phantom).",
 )
 @click.option(
     "--batch", "batches", default="1,2,4,8,16", show_default=True, help="Batch sizes for the per-slice suite."
@@ -395,6 +398,37 @@ def _add_gpu_check() -> None:
 
 
 _add_gpu_check()
+
+
+@cli.command("dicom-read")
+@click.option("--slices", default=60, show_default=True, type=click.IntRange(2), help="Slices of the 512x512 phantom.")
+@click.option("--repeats", default=5, show_default=True, type=click.IntRange(1), help="Reads of each format (median).")
+@click.option(
+    "--compress",
+    type=click.Choice(["none", "rle", "jpeg-ls", "jpeg2000"]),
+    default="none",
+    show_default=True,
+    help="Transfer syntax of the series.",
+)
+@click.option("-o", "--out", "out_dir", type=click.Path(path_type=Path), default=Path("bench-dicom"), show_default=True)
+def dicom_read(slices, repeats, compress, out_dir) -> None:
+    """DICOM series read time per slice against the .nii.gz read of the same 512x512 phantom
+    (needs unet-edge[dicom]); dicom_read.json and dicom_read.md.
+
+    \b
+    Example:
+      seg-bench dicom-read --slices 60 --repeats 5 -o reports/dicom
+    """
+    from .dicom_read import markdown, measure
+    from .report import envelope, write_reports
+
+    syntax = {"none": None, "rle": "1.2.840.10008.1.2.5", "jpeg-ls": "1.2.840.10008.1.2.4.80"}
+    syntax["jpeg2000"] = "1.2.840.10008.1.2.4.90"
+    res = measure(slices=slices, repeats=repeats, compress=syntax[compress])
+    md = markdown(res)
+    write_reports(out_dir, "dicom_read", envelope("dicom-read", res), md, [])
+    click.echo(md)
+    click.echo(f"reports in {out_dir}")
 
 
 def main() -> None:

@@ -22,10 +22,10 @@ from .stats import summarize
 
 def real_slices(volume_paths: list[Path], spec, n: int = 16) -> np.ndarray:
     """Preprocessed slices from the middle of the first volume (real data, not random noise)."""
-    from runtime.io import read_volume
+    from runtime.dicom import read_input  # a NIfTI file or a DICOM series
     from runtime.preprocess import make_batch
 
-    vol = read_volume(volume_paths[0])
+    vol = read_input(volume_paths[0])
     mid = vol.num_slices // 2
     lo = max(0, min(mid - n // 2, vol.num_slices - n))
     x = make_batch(vol.data, vol.spacing, spec.preprocess, lo, min(lo + n, vol.num_slices))
@@ -137,6 +137,7 @@ def measure_model(
                 out["volumes"].append(
                     {
                         "volume": Path(v).name,
+                        "input_format": res.get("input_format", "nifti"),  # "read" is the DICOM read for "dicom"
                         "batch": bs,
                         "slices": best["slices"],
                         "wall_s": summarize(walls),
@@ -154,7 +155,8 @@ def measure_torch_baseline(
     """The seed's approach: PyTorch eager, one slice at a time, sequential preprocessing."""
     import torch
 
-    from runtime.io import read_volume, write_mask
+    from runtime.dicom import read_input
+    from runtime.io import write_mask
     from runtime.postprocess import postprocess
     from runtime.preprocess import SliceBatcher, logits_to_labels
     from train.checkpoint import load_checkpoint
@@ -193,7 +195,7 @@ def measure_torch_baseline(
                 walls = []
                 for _ in range(volume_repeats):
                     t0 = time.perf_counter()
-                    vol = read_volume(v)
+                    vol = read_input(v)
                     batcher = SliceBatcher(vol.data, vol.spacing, spec.preprocess)  # each slice preprocessed once
                     labels = np.empty(vol.data.shape, np.uint8)
                     for k in range(vol.num_slices):

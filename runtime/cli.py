@@ -21,15 +21,16 @@ def expand_inputs(inputs: tuple[str, ...], echo=click.echo) -> list[Path]:
     inputs (``seg-run same -o same`` twice must not segment its own masks): they are left out,
     with one note."""
     from .datasets import images_in
+    from .dicom import file_input, series_inputs
     from .outputs import is_our_output
 
     paths: list[Path] = []
     for item in inputs:
         p = Path(item)
         if p.is_dir():
-            found = images_in(p)
+            found = images_in(p) or series_inputs(p, warn=lambda msg: click.echo(f"note: {msg}", err=True))
             if not found:
-                raise InputError(f"{p}: directory holds no .nii or .nii.gz files")
+                raise InputError(f"{p}: directory holds no .nii or .nii.gz files and no DICOM CT series")
             paths += found
         elif any(ch in item for ch in "*?[") and not p.exists():
             found = sorted(Path(q) for q in glob.glob(item))
@@ -37,7 +38,7 @@ def expand_inputs(inputs: tuple[str, ...], echo=click.echo) -> list[Path]:
                 raise InputError(f"{item}: the pattern matches no files")
             paths += found
         else:
-            paths.append(p)  # a missing file is reported per volume, and the rest still run
+            paths.append(file_input(p))  # a missing file is reported per volume, and the rest still run
     paths = list(dict.fromkeys(paths))
     ours = [p for p in paths if is_our_output(p)]
     if ours:
@@ -82,6 +83,7 @@ def segment_files(
     min_tumour_ml: float = 0.0,
     names: dict[Path, str] | None = None,
     force: bool = False,
+    dicom_seg: bool = False,
 ) -> dict[Path, dict | str]:
     """Segment each file; returns {path: report dict, or the error line}. One bad volume never stops the rest.
 
@@ -94,7 +96,9 @@ def segment_files(
     from concurrent.futures import ThreadPoolExecutor
     from functools import partial
 
-    from .io import intensity_warning, mask_image, nifti_bytes, probability_image, read_volume
+    from . import dicom_seg as dseg
+    from .dicom import is_series_path, report_fields, series_sha256
+    from .io import intensity_warning, mask_image, nifti_bytes, probability_image
     from .models import file_sha256
     from .outputs import (
         DiskFullError,
@@ -106,7 +110,7 @@ def segment_files(
         why_not_done,
         write_group_atomic,
     )
-    from .pipeline import SegmentOptions, Timings, read_ahead, segment_canonical
+    from .pipeline import SegmentOptions, Timings, read_ahead, read_any, segment_canonical
     from .postprocess import StreamingComponents, drop_small_tumours, volume_stats, voxels_for_ml
     from .postprocess import postprocess as post
 
@@ -123,9 +127,7 @@ def segment_files(
 
     def input_sha(p: Path) -> str:
         if p not in hashes:
-            if not p.is_file():  # a FIFO or a device would be hashed forever
-                raise InputError(f"{p}: not a regular file; give a NIfTI file")
-            hashes[p] = file_sha256(p)
+            hashes[p] = series_sha256(p) if is_series_path(p) else file_sha256(p)
         return hashes[p]
 
     def outputs(p: Path) -> tuple[str, Path, Path]:
@@ -155,7 +157,7 @@ def segment_files(
     overall = _bar(len(todo), "volumes", "vol")
     hasher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sha256")
     done_at = time.perf_counter()  # when the previous volume was finished
-    for p, opened, done in read_ahead(todo, partial(read_volume, force=force, ct=True)):
+    for p, opened, done in read_ahead(todo, partial(read_any, force=force, ct=True)):
         name, mask_path, json_path = outputs(p)
         t = Timings()
         try:
@@ -188,10 +190,13 @@ def segment_files(
             stats = volume_stats(labels, vol.affine)
             t.add("postprocess", time.perf_counter() - s)
             s = time.perf_counter()
+            seg_out = dseg.prepare(dicom_seg, vol, labels, model_hash, out_dir / f"{name}_seg.dcm")
             files = [(mask_path, nifti_bytes(mask_image(labels, vol), mask_path))]
             prob_path = out_dir / f"{name}_prob.nii.gz" if prob is not None else None
             if prob_path is not None:
                 files.append((prob_path, nifti_bytes(probability_image(prob, vol), prob_path)))
+            if seg_out is not None:
+                files.append((seg_out.path, seg_out.data))
             if overlay:
                 from .overlay import panel_png
 
@@ -224,6 +229,8 @@ def segment_files(
                 **settings,
                 "warnings": [warning] if warning else [],
                 "forced": list(vol.forced),  # checks that refused this volume, let through by --force
+                **report_fields(vol),
+                **({"dicom_seg": str(seg_out.path)} if seg_out is not None else {}),
             }
             files.append((json_path, json_bytes(report)))
             try:
@@ -318,6 +325,22 @@ def segment_files(
     is_flag=True,
     help="Segment volumes refused as implausible for a CT (voxel size, intensities); the JSON records why.",
 )
+@click.option(
+    "--dicom-seg",
+    is_flag=True,
+    help="DICOM inputs: also write <case>_seg.dcm, a DICOM Segmentation on the source series (needs unet-edge[dicom]).",
+)
+@click.option(
+    "--to-nifti",
+    is_flag=True,
+    help="Only convert each DICOM series to <case>.nii.gz in -o (the series' geometry, HU); no model is run.",
+)
+@click.option(
+    "--resample-gaps",
+    is_flag=True,
+    help="DICOM inputs: interpolate a series with a missing slice or uneven spacing onto a uniform grid "
+    "instead of refusing it.",
+)
 @DEBUG_OPTION
 def cli(
     inputs,
@@ -337,8 +360,11 @@ def cli(
     probabilities,
     min_tumour_ml,
     force,
+    dicom_seg,
+    to_nifti,
+    resample_gaps,
 ) -> None:
-    """Segment liver and liver tumours in CT volumes (NIfTI), writing <name>_seg.nii.gz
+    """Segment liver and liver tumours in CT volumes (NIfTI files or DICOM series folders), writing <name>_seg.nii.gz
     (uint8: 0 background, 1 liver, 2 tumour; the input's geometry) and <name>.json
     (volumes in mL, tumour count and burden, per-stage timings, backend, sha256 of input, model
     and mask). Inputs sharing a file name are named by their folders (pats/a/ct.nii.gz: a_ct);
@@ -349,7 +375,10 @@ def cli(
       seg-run --demo
       seg-run scans/ --model model.onnx -o out/
       seg-run 'scans/*.nii.gz' --model model.plan -o out/ --skip-existing
+      seg-run dicom_study/ --dicom-seg -o out/
+      seg-run dicom_study/ --to-nifti -o nifti/
     """
+    from .dicom import is_series_path, set_resample_gaps
     from .models import DEMO_NOTE, demo_model_path, open_backend
 
     check_parallelism(threads, streams)
@@ -360,6 +389,14 @@ def cli(
     if out_dir is None:
         raise click.UsageError("missing -o/--out OUT_DIR")
     paths = expand_inputs(inputs)
+    set_resample_gaps(resample_gaps)
+    if (dicom_seg or to_nifti) and not any(is_series_path(p) for p in paths):
+        click.echo("note: --dicom-seg and --to-nifti apply to DICOM series; no input is one", err=True)
+    if to_nifti:
+        from .dicom import convert_to_nifti
+
+        check_output_dir(out_dir)
+        sys.exit(EXIT_FAILED if convert_to_nifti(paths, out_dir, click.echo) else 0)
     if model is None:
         model = demo_model_path()
         click.echo(f"note: no --model given; using the embedded demo model: {DEMO_NOTE}", err=True)
@@ -386,6 +423,7 @@ def cli(
             probabilities=probabilities,
             min_tumour_ml=min_tumour_ml,
             force=force,
+            dicom_seg=dicom_seg,
         )
         if cuda_graph and be.name == "tensorrt":  # what replayed is known only now
             click.echo(f"backend after the run: {be.describe()}", err=True)

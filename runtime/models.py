@@ -69,6 +69,9 @@ def open_backend(
 
 
 def file_sha256(path: str | Path) -> str:
+    """sha256 of a regular file (a FIFO or a device such as /dev/zero would be read forever)."""
+    if not Path(path).is_file():
+        raise InputError(f"{path}: not a regular file; give a file")
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):

@@ -163,7 +163,7 @@ def is_our_output(path: Path) -> bool:
 
 
 def _strip_nifti(name: str) -> str:
-    for suf in (".nii.gz", ".nii"):
+    for suf in (".nii.gz", ".nii", ".dcmseries"):
         if name.endswith(suf):
             return name[: -len(suf)]
     return name

@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from .dicom import is_series_path, read_input
 from .io import Arrival, Volume, read_volume
 from .preprocess import SliceBatcher, logits_to_labels, logits_to_probabilities, slice_grid
 from .spec import ModelSpec
@@ -195,6 +196,16 @@ def segment_canonical(
     return out
 
 
+def read_any(
+    path: Path, on_open: Callable[[Volume], None] | None = None, force: bool = False, ct: bool = False
+) -> Volume:
+    """The default reader: a DICOM series (runtime.dicom) or a NIfTI file (runtime.io.read_volume,
+    with its plausibility checks: ``force`` lets them through, ``ct`` adds the not-CT check)."""
+    if is_series_path(path):
+        return read_input(path, on_open=on_open)
+    return read_volume(path, on_open=on_open, force=force, ct=ct)
+
+
 def read_ahead(
     paths: Iterable[Path], reader: Callable[..., Volume] | None = None
 ) -> Iterator[tuple[Path, Future, Future]]:
@@ -205,7 +216,7 @@ def read_ahead(
     perf_counter time the read began) once every voxel is in, or the read's error.
     """
     paths = list(paths)
-    read = reader or read_volume
+    read = reader or read_any
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="read") as pool:
 
         def timed(p: Path, opened: Future):

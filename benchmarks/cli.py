@@ -63,7 +63,11 @@ def _volumes(volumes: Path | None, quick: bool, tmp: Path) -> list[str]:
 @click.option(
     "--batch", "batches", default="1,2,4,8,16", show_default=True, help="Batch sizes for the per-slice suite."
 )
-@click.option("--backend", type=click.Choice(["auto", "onnxruntime", "tensorrt"]), default="auto", show_default=True)
+@click.option(
+    "--backend", type=click.Choice(["auto", "onnxruntime", "tensorrt", "triton"]), default="auto", show_default=True
+)
+@click.option("--url", default=None, help="Triton: the server's HOST:PORT; MODELS are then model names on it.")
+@click.option("--protocol", type=click.Choice(["grpc", "http"]), default="grpc", show_default=True, help="Triton.")
 @click.option("--threads", default=0, type=click.IntRange(0), help="Inference threads (0: all cores).")
 @click.option(
     "--streams",
@@ -106,6 +110,8 @@ def latency(
     volumes,
     batches,
     backend,
+    url,
+    protocol,
     threads,
     streams,
     repeats,
@@ -123,6 +129,7 @@ def latency(
     Example:
       seg-bench latency model.onnx model.fp16.onnx model.int8.cpu.onnx --volumes data/heldout \\
           --torch-checkpoint runs/demo/best.pt -o reports/latency
+      seg-bench latency liver --backend triton --url 127.0.0.1:8001 --volumes data/heldout -o reports/triton
     """
     import tempfile
 
@@ -132,6 +139,8 @@ def latency(
     from .machine import matmul_peak_gflops
     from .report import envelope, latency_markdown, latency_ratios, plot_latency, write_reports
 
+    if (backend == "triton") != bool(url):
+        raise click.UsageError("--backend triton and --url HOST:PORT go together")
     bl = _ints(batches)
     if quick:
         bl, repeats, warmup, volume_repeats = bl[:1] if len(bl) == 1 else [4], 5, 1, 1
@@ -143,6 +152,8 @@ def latency(
                 "volumes": vols,
                 "batches": bl,
                 "backend": backend,
+                "url": url,
+                "protocol": protocol,
                 "threads": threads,
                 "streams": streams,
                 "warmup": warmup,

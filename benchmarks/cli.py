@@ -370,6 +370,63 @@ def score(pred_dir, label_dir, out_dir) -> None:
         sys.exit(1)
 
 
+@cli.command("triton")
+@click.argument("model", type=click.Path(path_type=Path, exists=True, dir_okay=False))
+@click.option(
+    "--volumes",
+    type=click.Path(path_type=Path),
+    help="A volume or directory (default: generated phantoms, see --size/--slices/--cases).",
+)
+@click.option("--repeats", default=3, show_default=True, type=click.IntRange(1), help="seg-run runs per backend.")
+@click.option("--clients", default=4, show_default=True, type=click.IntRange(2), help="Concurrent seg-run clients.")
+@click.option("--instances", default=2, show_default=True, type=click.IntRange(1), help="Server model instances.")
+@click.option("--threads", default=1, show_default=True, type=click.IntRange(0), help="ONNX Runtime threads each.")
+@click.option("--size", default=128, show_default=True, type=click.IntRange(32), help="Phantom in-plane size.")
+@click.option("--slices", default=32, show_default=True, type=click.IntRange(4), help="Phantom slices.")
+@click.option("--cases", default=2, show_default=True, type=click.IntRange(1), help="Phantoms.")
+@click.option("--batch-size", type=click.IntRange(1), default=None, help="seg-run --batch-size (default: each's own).")
+@click.option("--protocol", type=click.Choice(["grpc", "http"]), default="grpc", show_default=True)
+@click.option(
+    "-o", "--out", "out_dir", type=click.Path(path_type=Path), default=Path("bench-triton"), show_default=True
+)
+def triton(model, volumes, repeats, clients, instances, threads, size, slices, cases, batch_size, protocol, out_dir):
+    """Triton serving against local ONNX Runtime on this machine: per-volume wall ratio of
+    seg-run --backend triton to seg-run on the model, and the throughput of several concurrent
+    clients against one with the server's batch sizes. Needs nvidia-pytriton (its CPU-only
+    tritonserver serves the model through the Python backend) and the triton extra.
+
+    \b
+    Example:
+      seg-bench triton model.onnx --repeats 3 --clients 4 -o reports/triton
+    """
+    from runtime.io import write_bytes_atomic, write_json_atomic
+
+    from .report import envelope
+    from .triton_bench import run_triton_bench, triton_markdown
+
+    payload = run_triton_bench(
+        model,
+        volumes,
+        repeats,
+        clients,
+        instances,
+        threads,
+        size,
+        slices,
+        cases,
+        batch_size,
+        protocol,
+        echo=lambda m: click.echo(m, err=True),
+    )
+    rep = envelope("triton", payload)
+    md = triton_markdown(rep)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(out_dir / "triton.json", rep)
+    write_bytes_atomic(out_dir / "triton.md", md.encode())
+    click.echo(md)
+    click.echo(f"reports in {out_dir}")
+
+
 def main() -> None:
     run_cli(cli, "seg-bench")
 

@@ -274,6 +274,12 @@ def build_engine(
     help="ONNX: serve through Triton's Python backend running ONNX Runtime on the CPU (for servers without "
     "an ONNX Runtime backend, like nvidia-pytriton's tritonserver).",
 )
+@click.option(
+    "--threads",
+    type=click.IntRange(0),
+    default=0,
+    help="--python-backend: ONNX Runtime threads per instance (0: all cores).",
+)
 def triton_cmd(
     model: Path,
     repo: Path,
@@ -286,6 +292,7 @@ def triton_cmd(
     cpu: bool,
     trt_accelerator: bool,
     python_backend: bool,
+    threads: int,
 ) -> None:
     """Write a Triton Inference Server model repository entry REPO/NAME for an ONNX model
     (onnxruntime_onnx) or a TensorRT plan (tensorrt_plan): config.pbtxt with dynamic batching,
@@ -318,6 +325,7 @@ def triton_cmd(
         trt_accelerator,
         python_backend,
         queue_delay_us,
+        threads,
     )
     click.echo(
         f"wrote {folder}: {entry.platform}, max batch {entry.max_batch}, preferred {entry.preferred}, "

@@ -144,6 +144,7 @@ def export_repository(
     trt_accelerator: bool = False,
     python_backend: bool = False,
     queue_delay_us: int = 500,
+    threads: int = 0,
 ) -> tuple[Path, RepoModel]:
     """Write REPO/NAME (config.pbtxt, VERSION/model.*, spec.json); returns (model folder, what it holds)."""
     model = Path(model)
@@ -180,7 +181,10 @@ def export_repository(
         raise InputError(
             f"{model}: tensor dtypes {spec.io.input_dtype}/{spec.io.output_dtype} have no Triton type here"
         )
-    entry = RepoModel(name, platform, spec, max_batch, sizes, instances, kind, queue_delay_us, trt_accelerator)
+    if threads and platform != "python":
+        raise InputError("--threads sets ONNX Runtime's threads in the Python backend; add --python-backend")
+    params = {"intra_op_threads": str(threads)} if threads else {}
+    entry = RepoModel(name, platform, spec, max_batch, sizes, instances, kind, queue_delay_us, trt_accelerator, params)
     return _write_folder(repo, entry, files, version), entry
 
 

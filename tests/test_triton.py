@@ -299,3 +299,14 @@ def test_a_server_killed_mid_volume_fails_each_volume_and_writes_nothing(tmp_pat
     assert len([ln for ln in lines if ln.startswith("error:")]) == 2
     assert not list(out.iterdir())
     assert set(Path("/dev/shm").glob("triton_python_backend_shm_region_*")) == shm
+
+
+def test_latency_suite_measures_a_triton_model_by_name(served):
+    from benchmarks.latency import measure_model
+
+    server, _, inputs = served
+    vol = str(inputs / "case0.nii.gz")
+    out = measure_model("liver", [vol], [1, 4, 16], "triton", 0, 1, 2, 1, 4, url=server.grpc_url, protocol="grpc")
+    assert out["backend"] == "triton" and out["in_flight"] == 4
+    assert [r["batch"] for r in out["rows"]] == [1, 4]  # 16 is above the server's max batch of 8
+    assert out["volumes"][0]["slices"] == 21 and out["volumes"][0]["batch"] == 4

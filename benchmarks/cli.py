@@ -72,7 +72,11 @@ def _volumes(volumes: Path | None, quick: bool, tmp: Path) -> list[str]:
 @click.option(
     "--batch", "batches", default="1,2,4,8,16", show_default=True, help="Batch sizes for the per-slice suite."
 )
-@click.option("--backend", type=click.Choice(["auto", "onnxruntime", "tensorrt"]), default="auto", show_default=True)
+@click.option(
+    "--backend", type=click.Choice(["auto", "onnxruntime", "tensorrt", "triton"]), default="auto", show_default=True
+)
+@click.option("--url", default=None, help="Triton: the server's HOST:PORT; MODELS are then model names on it.")
+@click.option("--protocol", type=click.Choice(["grpc", "http"]), default="grpc", show_default=True, help="Triton.")
 @click.option("--threads", default=0, type=click.IntRange(0), help="Inference threads (0: all cores).")
 @click.option(
     "--streams",
@@ -113,6 +117,8 @@ def latency(
     volumes,
     batches,
     backend,
+    url,
+    protocol,
     threads,
     streams,
     repeats,
@@ -130,6 +136,7 @@ def latency(
     Example:
       seg-bench latency model.onnx model.fp16.onnx model.int8.cpu.onnx --volumes data/heldout \\
           --torch-checkpoint runs/demo/best.pt -o reports/latency
+      seg-bench latency liver --backend triton --url 127.0.0.1:8001 --volumes data/heldout -o reports/triton
     """
     import tempfile
 
@@ -141,6 +148,8 @@ def latency(
     from .machine import matmul_peak_gflops
     from .report import envelope, latency_markdown, latency_ratios, plot_latency
 
+    if (backend == "triton") != bool(url):
+        raise click.UsageError("--backend triton and --url HOST:PORT go together")
     bl = _ints(batches)
     check_parallelism(threads, streams)
     check_creatable_dir(out_dir)
@@ -154,6 +163,8 @@ def latency(
                 "volumes": vols,
                 "batches": bl,
                 "backend": backend,
+                "url": url,
+                "protocol": protocol,
                 "threads": threads,
                 "streams": streams,
                 "warmup": warmup,
@@ -427,6 +438,61 @@ def dicom_read(slices, repeats, compress, out_dir) -> None:
     res = measure(slices=slices, repeats=repeats, compress=syntax[compress])
     md = markdown(res)
     write_reports(out_dir, "dicom_read", envelope("dicom-read", res), md, [])
+
+
+@cli.command("triton")
+@click.argument("model", type=click.Path(path_type=Path, exists=True, dir_okay=False))
+@click.option(
+    "--volumes",
+    type=click.Path(path_type=Path),
+    help="A volume or directory (default: generated phantoms, see --size/--slices/--cases).",
+)
+@click.option("--repeats", default=3, show_default=True, type=click.IntRange(1), help="seg-run runs per backend.")
+@click.option("--clients", default=4, show_default=True, type=click.IntRange(2), help="Concurrent seg-run clients.")
+@click.option("--instances", default=2, show_default=True, type=click.IntRange(1), help="Server model instances.")
+@click.option("--threads", default=1, show_default=True, type=click.IntRange(0), help="ONNX Runtime threads each.")
+@click.option("--size", default=128, show_default=True, type=click.IntRange(32), help="Phantom in-plane size.")
+@click.option("--slices", default=32, show_default=True, type=click.IntRange(4), help="Phantom slices.")
+@click.option("--cases", default=2, show_default=True, type=click.IntRange(1), help="Phantoms.")
+@click.option("--batch-size", type=click.IntRange(1), default=None, help="seg-run --batch-size (default: each's own).")
+@click.option("--protocol", type=click.Choice(["grpc", "http"]), default="grpc", show_default=True)
+@click.option(
+    "-o", "--out", "out_dir", type=click.Path(path_type=Path), default=Path("bench-triton"), show_default=True
+)
+def triton(model, volumes, repeats, clients, instances, threads, size, slices, cases, batch_size, protocol, out_dir):
+    """Triton serving against local ONNX Runtime on this machine: per-volume wall ratio of
+    seg-run --backend triton to seg-run on the model, and the throughput of several concurrent
+    clients against one with the server's batch sizes. Needs nvidia-pytriton (its CPU-only
+    tritonserver serves the model through the Python backend) and the triton extra.
+
+    \b
+    Example:
+      seg-bench triton model.onnx --repeats 3 --clients 4 -o reports/triton
+    """
+    from runtime.io import write_bytes_atomic, write_json_atomic
+
+    from .report import envelope
+    from .triton_bench import run_triton_bench, triton_markdown
+
+    payload = run_triton_bench(
+        model,
+        volumes,
+        repeats,
+        clients,
+        instances,
+        threads,
+        size,
+        slices,
+        cases,
+        batch_size,
+        protocol,
+        echo=lambda m: click.echo(m, err=True),
+    )
+    rep = envelope("triton", payload)
+    md = triton_markdown(rep)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(out_dir / "triton.json", rep)
+    write_bytes_atomic(out_dir / "triton.md", md.encode())
     click.echo(md)
     click.echo(f"reports in {out_dir}")
 

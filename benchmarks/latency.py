@@ -86,8 +86,11 @@ def measure_model(
     volume_repeats: int,
     vol_batch: int | None,
     streams: int = 0,
+    url: str | None = None,
+    protocol: str = "grpc",
 ) -> dict:
-    """Everything for one model (runs inside the worker subprocess)."""
+    """Everything for one model (runs inside the worker subprocess); with backend "triton",
+    ``model`` is a model name on the server at ``url``."""
     import onnx
 
     from runtime.cli import segment_files
@@ -96,7 +99,7 @@ def measure_model(
     from .flops import conv_flops
 
     out: dict = {"model": model, "rows": [], "volumes": []}
-    with open_backend(model, backend, "auto", threads, streams=streams) as be:
+    with open_backend(model, backend, "auto", threads, streams=streams, url=url, protocol=protocol) as be:
         out.update(
             backend=be.name,
             provider=be.provider,
@@ -249,6 +252,8 @@ def _main() -> None:
                 job["volume_repeats"],
                 job.get("vol_batch"),
                 job.get("streams", 0),
+                job.get("url"),
+                job.get("protocol", "grpc"),
             )
     except Exception as exc:  # reported per model by the parent
         print(f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}", file=sys.stderr)

@@ -20,6 +20,7 @@ def cli() -> None:
       seg-export onnx runs/demo/best.pt -o model.onnx
       seg-export quantize model.onnx --precision int8 --calib data/phantoms -o model.int8.onnx
       seg-export build-engine model.int8.onnx -o model.plan
+      seg-export triton model.plan -o triton-repo --name liver
     """
 
 
@@ -250,6 +251,100 @@ def build_engine(
             if mem
             else ""
         )
+    )
+
+
+@cli.command("triton")
+@click.argument("model", type=click.Path(path_type=Path))
+@click.option(
+    "-o", "--out", "repo", required=True, type=click.Path(path_type=Path), help="Model repository (created if missing)."
+)
+@click.option("--name", default=None, help="Model name in the repository (default: MODEL's file name before the dot).")
+@click.option(
+    "--max-batch",
+    type=click.IntRange(1),
+    default=None,
+    help="ONNX: Triton's max_batch_size (default 8). Plans take their profile's max.",
+)
+@click.option(
+    "--preferred",
+    default=None,
+    help="Preferred batch sizes of the dynamic batcher, e.g. 4,8 (default: the plan's opt batch, or half "
+    "the max, and the max).",
+)
+@click.option(
+    "--queue-delay-us",
+    type=click.IntRange(0),
+    default=500,
+    show_default=True,
+    help="How long the batcher waits for more requests.",
+)
+@click.option("--instances", type=click.IntRange(1), default=1, show_default=True, help="Model instances.")
+@click.option("--version", "version", type=click.IntRange(1), default=1, show_default=True, help="Version folder.")
+@click.option("--cpu", is_flag=True, help="ONNX: run the instances on the CPU (KIND_CPU) rather than the GPU.")
+@click.option("--trt-accelerator", is_flag=True, help="ONNX: let ONNX Runtime hand the graph to TensorRT on the GPU.")
+@click.option(
+    "--python-backend",
+    is_flag=True,
+    help="ONNX: serve through Triton's Python backend running ONNX Runtime on the CPU (for servers without "
+    "an ONNX Runtime backend, like nvidia-pytriton's tritonserver).",
+)
+@click.option(
+    "--threads",
+    type=click.IntRange(0),
+    default=0,
+    help="--python-backend: ONNX Runtime threads per instance (0: all cores).",
+)
+def triton_cmd(
+    model: Path,
+    repo: Path,
+    name: str | None,
+    max_batch: int | None,
+    preferred: str | None,
+    queue_delay_us: int,
+    instances: int,
+    version: int,
+    cpu: bool,
+    trt_accelerator: bool,
+    python_backend: bool,
+    threads: int,
+) -> None:
+    """Write a Triton Inference Server model repository entry REPO/NAME for an ONNX model
+    (onnxruntime_onnx) or a TensorRT plan (tensorrt_plan): config.pbtxt with dynamic batching,
+    the model in a version folder, and the spec (also in the config, where seg-run reads it).
+    A plan is checked against this machine's GPU and TensorRT, as seg-run checks it.
+
+    \b
+    Examples:
+      seg-export triton model.plan -o triton-repo --name liver
+      seg-export triton model.onnx -o triton-repo --name liver --max-batch 16 --preferred 8,16
+      seg-export triton model.onnx -o triton-repo --name liver-cpu --python-backend
+    """
+    from .triton import export_repository
+
+    sizes = None
+    if preferred:
+        try:
+            sizes = [int(b) for b in preferred.split(",") if b.strip()]
+        except ValueError:
+            raise InputError(f"--preferred {preferred!r}: give batch sizes separated by commas, e.g. 4,8") from None
+    folder, entry = export_repository(
+        model,
+        repo,
+        name,
+        max_batch,
+        sizes,
+        instances,
+        version,
+        cpu,
+        trt_accelerator,
+        python_backend,
+        queue_delay_us,
+        threads,
+    )
+    click.echo(
+        f"wrote {folder}: {entry.platform}, max batch {entry.max_batch}, preferred {entry.preferred}, "
+        f"{entry.instances} x {entry.kind}; serve {repo} with tritonserver --model-repository"
     )
 
 

@@ -273,7 +273,12 @@ def segment_files(
     help="Output directory (created if missing).",
 )
 @click.option("--demo", is_flag=True, help="Generate a CT phantom, segment it and print Dice against its ground truth.")
-@click.option("--backend", type=click.Choice(["auto", "onnxruntime", "tensorrt"]), default="auto", show_default=True)
+@click.option(
+    "--backend", type=click.Choice(["auto", "onnxruntime", "tensorrt", "triton"]), default="auto", show_default=True
+)
+@click.option("--url", default=None, help="Triton: the server's HOST:PORT (gRPC 8001, HTTP 8000 by default).")
+@click.option("--model-name", default=None, help="Triton: the model's name in the server's repository.")
+@click.option("--protocol", type=click.Choice(["grpc", "http"]), default="grpc", show_default=True, help="Triton.")
 @click.option(
     "--provider",
     type=click.Choice(["auto", "cpu", "cuda", "tensorrt"]),
@@ -348,6 +353,9 @@ def cli(
     out_dir,
     demo,
     backend,
+    url,
+    model_name,
+    protocol,
     provider,
     threads,
     streams,
@@ -377,6 +385,7 @@ def cli(
       seg-run 'scans/*.nii.gz' --model model.plan -o out/ --skip-existing
       seg-run dicom_study/ --dicom-seg -o out/
       seg-run dicom_study/ --to-nifti -o nifti/
+      seg-run scans/ --backend triton --url 127.0.0.1:8001 --model-name liver -o out/
     """
     from .dicom import is_series_path, set_resample_gaps
     from .models import DEMO_NOTE, demo_model_path, open_backend
@@ -397,11 +406,19 @@ def cli(
 
         check_output_dir(out_dir)
         sys.exit(EXIT_FAILED if convert_to_nifti(paths, out_dir, click.echo) else 0)
+    if backend == "triton":
+        if not (url and model_name):
+            raise click.UsageError("--backend triton needs --url HOST:PORT and --model-name NAME")
+        model = model_name
+    elif url or model_name:
+        raise click.UsageError("--url and --model-name go with --backend triton")
     if model is None:
         model = demo_model_path()
         click.echo(f"note: no --model given; using the embedded demo model: {DEMO_NOTE}", err=True)
     check_output_dir(out_dir)
-    with open_backend(model, backend, provider, threads, cuda_graph=cuda_graph, streams=streams) as be:
+    with open_backend(
+        model, backend, provider, threads, cuda_graph=cuda_graph, streams=streams, url=url, protocol=protocol
+    ) as be:
         bs = batch_size or be.default_batch
         if be.max_batch and bs > be.max_batch:
             raise InputError(

@@ -38,8 +38,17 @@ def open_backend(
     optimize: bool | None = None,
     cuda_graph: bool = False,
     streams: int = 0,
+    url: str | None = None,
+    protocol: str = "grpc",
 ) -> Backend:
-    """A backend (not yet activated) for a model file; TensorRT for plans, else ONNX Runtime."""
+    """A backend (not yet activated) for a model file; TensorRT for plans, else ONNX Runtime.
+    With backend "triton", ``path`` is the model's name on the Triton server at ``url``."""
+    if backend == "triton":
+        from .backends.triton import TritonBackend
+
+        if not url:
+            raise InputError("--backend triton needs --url HOST:PORT (the Triton server) and --model-name NAME")
+        return TritonBackend(url, str(path), protocol)
     p = Path(path)
     if not p.exists():
         if os.path.lexists(p):
@@ -65,7 +74,7 @@ def open_backend(
         return OnnxRuntimeBackend(
             p, provider=provider, threads=threads, optimize=True if optimize is None else optimize, streams=streams
         )
-    raise InputError(f"unknown backend {backend!r}; choose auto, onnxruntime or tensorrt")
+    raise InputError(f"unknown backend {backend!r}; choose auto, onnxruntime, tensorrt or triton")
 
 
 def file_sha256(path: str | Path) -> str:

@@ -65,8 +65,10 @@ def segment_files(
     echo=click.echo,
     probabilities: bool = False,
     min_tumour_ml: float = 0.0,
+    names: dict[Path, str] | None = None,
 ) -> dict[Path, dict | str]:
-    """Segment each file; returns {path: report dict, or the error line}. One bad volume never stops the rest."""
+    """Segment each file; returns {path: report dict, or the error line}. One bad volume never stops the rest.
+    ``names`` gives an output base name per input (default: the input's file name)."""
     from .io import (
         case_name,
         intensity_warning,
@@ -84,7 +86,7 @@ def segment_files(
     model_hash = file_sha256(backend.path) if getattr(backend, "path", None) else None
     todo = []
     for p in paths:
-        name = case_name(p)
+        name = (names or {}).get(p) or case_name(p)
         mask_path, json_path = out_dir / f"{name}_seg.nii.gz", out_dir / f"{name}.json"
         if p.exists() and p.resolve() in (mask_path.resolve(), json_path.resolve()):
             results[p] = f"{p}: the output would overwrite the input; choose another -o"
@@ -98,7 +100,7 @@ def segment_files(
     overall = _bar(len(todo), "volumes", "vol")
     done_at = time.perf_counter()  # when the previous volume was finished
     for p, opened, done in read_ahead(todo):
-        name = case_name(p)
+        name = (names or {}).get(p) or case_name(p)
         mask_path, json_path = out_dir / f"{name}_seg.nii.gz", out_dir / f"{name}.json"
         t = Timings()
         try:
@@ -240,6 +242,32 @@ def segment_files(
     help="Also write <name>_prob.nii.gz: per-class probabilities (4D, input geometry, "
     "uint8 with scale 1/255; before postprocessing).",
 )
+@click.option(
+    "--manifest",
+    type=click.Path(path_type=Path),
+    help="CSV or Parquet with a 'path' column (one volume per row) and an optional 'case_id' column "
+    "(the output base name); taken with any INPUTS.",
+)
+@click.option(
+    "--ray",
+    "ray_address",
+    metavar="auto|local|ADDRESS",
+    help="Run on a Ray cluster: 'auto' (the running one), 'local' (a new one on this machine) or HOST:PORT. "
+    "Outputs go to -o, which every node must reach; one result row per volume (needs unet-edge[ray]).",
+)
+@click.option("--actors", type=click.IntRange(1), help="--ray: actors at most (default: as many as the cluster fits).")
+@click.option(
+    "--cpus-per-actor",
+    type=click.IntRange(1),
+    default=1,
+    show_default=True,
+    help="--ray: CPUs each actor reserves; ONNX Runtime runs that many threads.",
+)
+@click.option(
+    "--results",
+    type=click.Path(path_type=Path),
+    help="--ray: the result rows, .parquet or .jsonl (default: OUT/seg-run-results.jsonl).",
+)
 @DEBUG_OPTION
 def cli(
     inputs,
@@ -258,6 +286,11 @@ def cli(
     fill_holes,
     probabilities,
     min_tumour_ml,
+    manifest,
+    ray_address,
+    actors,
+    cpus_per_actor,
+    results,
 ) -> None:
     """Segment liver and liver tumours in CT volumes (NIfTI), writing <name>_seg.nii.gz
     (uint8: 0 background, 1 liver, 2 tumour; the input's geometry) and <name>.json
@@ -268,16 +301,49 @@ def cli(
       seg-run --demo
       seg-run scans/ --model model.onnx -o out/
       seg-run 'scans/*.nii.gz' --model model.plan -o out/ --skip-existing
+      seg-run --manifest cohort.csv --model model.onnx -o /shared/out --ray auto --skip-existing
     """
     from .models import DEMO_NOTE, demo_model_path, open_backend
 
     if demo:
         sys.exit(run_demo(model, out_dir, backend, provider, threads, batch_size, streams))
-    if not inputs:
-        raise click.UsageError("give one or more NIfTI files, directories or globs (or --demo)")
+    if not inputs and manifest is None:
+        raise click.UsageError("give one or more NIfTI files, directories or globs, or --manifest (or --demo)")
     if out_dir is None:
         raise click.UsageError("missing -o/--out OUT_DIR")
-    paths = expand_inputs(inputs)
+    names = None
+    paths = expand_inputs(inputs) if inputs else []
+    if manifest is not None:
+        from .cluster import output_names, read_manifest
+
+        names = output_names([(p, None) for p in paths] + read_manifest(manifest))
+        paths = list(names)
+    if ray_address:
+        from .cluster import run_cluster_cli
+
+        check_output_dir(out_dir)
+        model = model or demo_model_path()
+        sys.exit(
+            run_cluster_cli(
+                paths,
+                names,
+                model,
+                out_dir,
+                ray_address,
+                results,
+                actors=actors,
+                cpus_per_actor=cpus_per_actor,
+                backend=backend,
+                provider=provider,
+                batch_size=batch_size,
+                skip_existing=skip_existing,
+                postprocess=not no_postprocess,
+                holes=fill_holes,
+                overlay=overlay,
+                probabilities=probabilities,
+                min_tumour_ml=min_tumour_ml,
+            )
+        )
     if model is None:
         model = demo_model_path()
         click.echo(f"note: no --model given; using the embedded demo model: {DEMO_NOTE}", err=True)
@@ -303,6 +369,7 @@ def cli(
             overlay,
             probabilities=probabilities,
             min_tumour_ml=min_tumour_ml,
+            names=names,
         )
     failed = [p for p, r in results.items() if isinstance(r, str)]
     if failed:

@@ -12,6 +12,7 @@ import csv
 import ipaddress
 import json
 import os
+import socket
 import time
 import warnings
 from dataclasses import dataclass
@@ -251,6 +252,20 @@ def keep_on_loopback() -> None:
     constants.ENABLE_RAY_CLUSTER = False  # read when this process picks the node address
 
 
+def _probe(address: str, timeout: float = 5.0) -> None:
+    """Fail fast on a HOST:PORT where nothing listens (Ray itself retries for minutes)."""
+    host, _, port = address.rpartition(":")
+    if not host or not port.isdigit() or "://" in address:
+        return
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout).close()
+    except OSError as exc:
+        raise InputError(
+            f"cannot connect to the Ray cluster at {address!r} ({exc.strerror or exc}); start its head with "
+            "'ray start --head', check the address, or use --ray local"
+        ) from exc
+
+
 def connect(address: str, num_cpus: int | None = None) -> bool:
     """Connect to a Ray cluster (``auto``: the running one; ``local``: a new one on this machine, kept on
     loopback; else ``HOST:PORT``). Returns True when this call started the connection (and must end it)."""
@@ -262,6 +277,7 @@ def connect(address: str, num_cpus: int | None = None) -> bool:
         keep_on_loopback()
         kwargs.update(address="local", num_cpus=num_cpus)
     else:
+        _probe(address)
         kwargs["address"] = address
         if _loopback(address):  # a cluster on this machine's loopback: the driver joins it there too
             kwargs["_node_ip_address"] = "127.0.0.1"

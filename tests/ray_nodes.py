@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -17,14 +18,27 @@ import time
 PORT = 6390
 
 
-def ray_start(*args: str) -> subprocess.Popen:
+def ray_start(log: str, *args: str) -> subprocess.Popen:
     ray = os.path.join(os.path.dirname(sys.executable), "ray")
-    return subprocess.Popen(
-        [ray, "start", "--block", "--num-cpus=1", "--node-ip-address=127.0.0.1", *args],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
-    )
+    with open(log, "ab") as out:
+        return subprocess.Popen(
+            [ray, "start", "--block", "--num-cpus=1", "--node-ip-address=127.0.0.1", *args],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+
+
+def wait_for_port(timeout: float = 90) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", PORT), timeout=1).close()
+            return
+        except OSError:
+            if time.monotonic() > deadline:
+                raise SystemExit(f"ray_nodes: the head did not listen on {PORT} in {timeout:.0f}s") from None
+            time.sleep(0.5)
 
 
 def wait_for_nodes(n: int, timeout: float = 90) -> None:
@@ -58,12 +72,15 @@ def stop(proc: subprocess.Popen) -> None:
 
 def main(argv: list[str]) -> int:
     temp, rest = argv[0], argv[argv.index("--") + 1 :]
-    head = ray_start("--head", f"--port={PORT}", "--include-dashboard=false", f"--temp-dir={temp}")
+    os.makedirs(temp, exist_ok=True)
+    log = os.path.join(temp, "nodes.log")
+    head = ray_start(log, "--head", f"--port={PORT}", "--include-dashboard=false", f"--temp-dir={temp}")
     worker = None
     try:
-        time.sleep(2)
-        worker = ray_start(f"--address=127.0.0.1:{PORT}")
+        wait_for_port()
+        worker = ray_start(log, f"--address=127.0.0.1:{PORT}")
         wait_for_nodes(2)
+        print("ray_nodes: 2 nodes up", file=sys.stderr, flush=True)
         return subprocess.run([os.path.join(os.path.dirname(sys.executable), "seg-run"), *rest]).returncode
     finally:
         for proc in (worker, head):

@@ -319,8 +319,9 @@ def cli(
         names = output_names([(p, None) for p in paths] + read_manifest(manifest))
         paths = list(names)
     if ray_address:
-        from .cluster import run_cluster_cli
+        from .cluster import import_ray, run_cluster_cli
 
+        import_ray()  # without the extra, say what to install before creating anything
         check_output_dir(out_dir)
         model = model or demo_model_path()
         sys.exit(

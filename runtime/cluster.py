@@ -48,9 +48,9 @@ RETRIES = 2  # restarts of a lost actor, and retries of the volume it held
 
 def import_ray():
     """The ray module, or a MissingDependency naming the extra."""
-    require("ray.data", RAY_EXTRA, "seg-run --ray", hint='pip install "unet-edge[ray]"')
-    import ray
-
+    hint = 'pip install "unet-edge[ray]"'
+    ray = require("ray", RAY_EXTRA, "seg-run --ray", hint=hint)
+    require("ray.data", RAY_EXTRA, "seg-run --ray", hint=hint)
     return ray
 
 

@@ -18,12 +18,10 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-pytest.importorskip("ray.data")
-
-from runtime.cli import cli  # noqa: E402
-from runtime.io import write_nifti  # noqa: E402
-from runtime.phantoms import make_phantom, phantom_images  # noqa: E402
-from tests.models import threshold_model  # noqa: E402
+from runtime.cli import cli
+from runtime.io import write_nifti
+from runtime.phantoms import make_phantom, phantom_images
+from tests.models import threshold_model
 
 GOOD, BAD = 9, 3
 
@@ -49,7 +47,8 @@ def stop_processes_under(marker: str) -> None:
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
     """One local cluster for the module: 2 CPUs, no dashboard, nodes on 127.0.0.1, HOME and temp dir in tmp."""
-    import ray
+    ray = pytest.importorskip("ray")
+    pytest.importorskip("ray.data")
 
     from runtime.cluster import keep_on_loopback
 
@@ -235,6 +234,7 @@ def test_actor_killed_mid_volume_is_retried(cluster, tmp_path):
 
 def test_without_a_cluster_address_gives_one_line(tmp_path):
     """A cluster address that does not answer: one line, exit 2, nothing written."""
+    pytest.importorskip("ray.data")
     write_case(tmp_path / "a.nii.gz", 0)
     model = threshold_model(tmp_path / "m.onnx")
     env = {**os.environ, "HOME": str(tmp_path), "RAY_AUTH_MODE": "disabled"}
@@ -278,10 +278,33 @@ def _netns_available() -> bool:
     return probe.returncode == 0
 
 
+def test_without_the_extra_ray_mode_names_it(tmp_path):
+    """With Ray not importable, --ray stops with one line naming the extra, and writes nothing."""
+    write_case(tmp_path / "a.nii.gz", 0)
+    model = threshold_model(tmp_path / "m.onnx")
+    code = (
+        "import sys; sys.modules['ray'] = None; sys.argv = ['seg-run'] + sys.argv[1:]; "
+        "from runtime.cli import main; main()"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code, str(tmp_path / "a.nii.gz"), "-m", str(model), "-o", str(tmp_path / "o")]
+        + ["--ray", "local"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.strip() == (
+        "seg-run: error: seg-run --ray needs the 'ray' package: pip install \"unet-edge[ray]\""
+    )
+    assert not list((tmp_path / "o").glob("*.nii.gz"))
+
+
 @pytest.mark.slow
 def test_two_nodes_share_the_job(tmp_path, tmp_path_factory):
     """A head and a worker started with `ray start` (1 CPU each) in a network namespace with loopback only:
     rows name two node ids, and every node address is loopback."""
+    pytest.importorskip("ray.data")
     if not _netns_available():
         pytest.skip("needs `unshare -n` (root) to keep a two-node cluster on loopback")
     vols, manifest = write_cohort(tmp_path)

@@ -323,7 +323,9 @@ def cli(
 
         import_ray()  # without the extra, say what to install before creating anything
         check_output_dir(out_dir)
-        model = model or demo_model_path()
+        if model is None:
+            model = demo_model_path()
+            click.echo(f"note: no --model given; using the embedded demo model: {DEMO_NOTE}", err=True)
         sys.exit(
             run_cluster_cli(
                 paths,

@@ -346,6 +346,32 @@ def segment_files(
     help="DICOM inputs: interpolate a series with a missing slice or uneven spacing onto a uniform grid "
     "instead of refusing it.",
 )
+@click.option(
+    "--manifest",
+    type=click.Path(path_type=Path),
+    help="CSV or Parquet with a 'path' column (one volume per row) and an optional 'case_id' column "
+    "(the output base name); taken with any INPUTS.",
+)
+@click.option(
+    "--ray",
+    "ray_address",
+    metavar="auto|local|ADDRESS",
+    help="Run on a Ray cluster: 'auto' (the running one), 'local' (a new one on this machine) or HOST:PORT. "
+    "Outputs go to -o, which every node must reach; one result row per volume (needs unet-edge[ray]).",
+)
+@click.option("--actors", type=click.IntRange(1), help="--ray: actors at most (default: as many as the cluster fits).")
+@click.option(
+    "--cpus-per-actor",
+    type=click.IntRange(1),
+    default=1,
+    show_default=True,
+    help="--ray: CPUs each actor reserves; ONNX Runtime runs that many threads.",
+)
+@click.option(
+    "--results",
+    type=click.Path(path_type=Path),
+    help="--ray: the result rows, .parquet or .jsonl (default: OUT/seg-run-results.jsonl).",
+)
 @DEBUG_OPTION
 def cli(
     inputs,
@@ -371,6 +397,11 @@ def cli(
     dicom_seg,
     to_nifti,
     resample_gaps,
+    manifest,
+    ray_address,
+    actors,
+    cpus_per_actor,
+    results,
 ) -> None:
     """Segment liver and liver tumours in CT volumes (NIfTI files or DICOM series folders), writing <name>_seg.nii.gz
     (uint8: 0 background, 1 liver, 2 tumour; the input's geometry) and <name>.json
@@ -386,6 +417,7 @@ def cli(
       seg-run dicom_study/ --dicom-seg -o out/
       seg-run dicom_study/ --to-nifti -o nifti/
       seg-run scans/ --backend triton --url 127.0.0.1:8001 --model-name liver -o out/
+      seg-run --manifest cohort.csv --model model.onnx -o /shared/out --ray auto --skip-existing
     """
     from .dicom import is_series_path, set_resample_gaps
     from .models import DEMO_NOTE, demo_model_path, open_backend
@@ -393,11 +425,17 @@ def cli(
     check_parallelism(threads, streams)
     if demo:
         sys.exit(run_demo(model, out_dir, backend, provider, threads, batch_size, streams))
-    if not inputs:
-        raise click.UsageError("give one or more NIfTI files, directories or globs (or --demo)")
+    if not inputs and manifest is None:
+        raise click.UsageError("give one or more NIfTI files, directories or globs, or --manifest (or --demo)")
     if out_dir is None:
         raise click.UsageError("missing -o/--out OUT_DIR")
-    paths = expand_inputs(inputs)
+    names = None
+    paths = expand_inputs(inputs) if inputs else []
+    if manifest is not None:
+        from .cluster import output_names, read_manifest
+
+        names = output_names([(p, None) for p in paths] + read_manifest(manifest))
+        paths = list(names)
     set_resample_gaps(resample_gaps)
     if (dicom_seg or to_nifti) and not any(is_series_path(p) for p in paths):
         click.echo("note: --dicom-seg and --to-nifti apply to DICOM series; no input is one", err=True)
@@ -412,6 +450,35 @@ def cli(
         model = model_name
     elif url or model_name:
         raise click.UsageError("--url and --model-name go with --backend triton")
+    if ray_address:
+        from .cluster import import_ray, run_cluster_cli
+
+        import_ray()  # without the extra, say what to install before creating anything
+        check_output_dir(out_dir)
+        if model is None:
+            model = demo_model_path()
+            click.echo(f"note: no --model given; using the embedded demo model: {DEMO_NOTE}", err=True)
+        sys.exit(
+            run_cluster_cli(
+                paths,
+                names,
+                model,
+                out_dir,
+                ray_address,
+                results,
+                actors=actors,
+                cpus_per_actor=cpus_per_actor,
+                backend=backend,
+                provider=provider,
+                batch_size=batch_size,
+                skip_existing=skip_existing,
+                postprocess=not no_postprocess,
+                holes=fill_holes,
+                overlay=overlay,
+                probabilities=probabilities,
+                min_tumour_ml=min_tumour_ml,
+            )
+        )
     if model is None:
         model = demo_model_path()
         click.echo(f"note: no --model given; using the embedded demo model: {DEMO_NOTE}", err=True)
@@ -441,6 +508,7 @@ def cli(
             min_tumour_ml=min_tumour_ml,
             force=force,
             dicom_seg=dicom_seg,
+            names=names,
         )
         if cuda_graph and be.name == "tensorrt":  # what replayed is known only now
             click.echo(f"backend after the run: {be.describe()}", err=True)

@@ -125,7 +125,8 @@ def main(volumes, size, slices, repeats, model, out) -> None:
         f"plain seg-run {result['plain_median_s']:.2f}s, seg-run --ray {result['ray_median_s']:.2f}s (medians of "
         f"{repeats}): overhead {result['overhead_ratio']:.3f}x (goal <= 1.15); cluster start-up "
         f"{startup:.1f}s once per job; {result['actors_per_run']:.0f} actors at "
-        f"{result['actor_slices_per_s_median']:.1f} slices/s each (plain: {result['plain_slices_per_s']:.1f} slices/s); "
+        f"{result['actor_slices_per_s_median']:.1f} slices/s each (plain: {result['plain_slices_per_s']:.1f} "
+        "slices/s); "
         f"{len(differ)} of {volumes} masks differ from plain seg-run's"
     )
     if out:

@@ -44,7 +44,8 @@ def latency_markdown(rep: dict) -> str:
     out += [f"- {Path(str(r['model'])).name}: {r['describe']}" for r in rep["results"] if r.get("describe")]
     out += [
         "",
-        "| model | batch | median ms/slice | p90 | p95 | p99 | min | max | batch latency ms | slices/s | GFLOP/s | % of matmul peak |",
+        "| model | batch | median ms/slice | p90 | p95 | p99 | min | max | batch latency ms | slices/s | GFLOP/s | % "
+        "of matmul peak |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rep["results"]:
@@ -56,8 +57,10 @@ def latency_markdown(rep: dict) -> str:
             pct = 100 * row["gflops"] / peak if row["gflops"] and peak else None
             lat = (row.get("batch_latency_ms") or {}).get("median")
             out.append(
-                f"| {label(r)} | {row['batch']} | {_f(s['median'])} | {_f(s['p90'])} | {_f(s['p95'])} | {_f(s['p99'])} | "
-                f"{_f(s['min'])} | {_f(s['max'])} | {_f(lat)} | {_f(row['throughput_slices_s'], 1)} | {_f(row['gflops'], 1)} | {_f(pct, 0)} |"
+                f"| {label(r)} | {row['batch']} | {_f(s['median'])} | {_f(s['p90'])} | {_f(s['p95'])} | "
+                f"{_f(s['p99'])} | "
+                f"{_f(s['min'])} | {_f(s['max'])} | {_f(lat)} | {_f(row['throughput_slices_s'], 1)} | "
+                f"{_f(row['gflops'], 1)} | {_f(pct, 0)} |"
             )
     out += [
         "",
@@ -66,7 +69,8 @@ def latency_markdown(rep: dict) -> str:
         "Stage times are each stage's own work (stages overlap in threads, so they need not add up to the wall time). "
         "'wall / backend alone' divides the wall time by slices x the median ms/slice at the same batch size.",
         "",
-        "| model | volume | slices | batch | wall s (median) | ms/slice | read | preprocess | infer | postprocess | write | wall / backend alone | peak RSS MB |",
+        "| model | volume | slices | batch | wall s (median) | ms/slice | read | preprocess | infer | postprocess | "
+        "write | wall / backend alone | peak RSS MB |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rep["results"]:
@@ -78,7 +82,8 @@ def latency_markdown(rep: dict) -> str:
             )
             ratio = wall / (v["slices"] * alone / 1000) if alone else None
             out.append(
-                f"| {label(r)} | {v['volume']} | {v['slices']} | {v['batch']} | {_f(wall)} | {_f(1000 * wall / v['slices'], 1)} | "
+                f"| {label(r)} | {v['volume']} | {v['slices']} | {v['batch']} | {_f(wall)} | "
+                f"{_f(1000 * wall / v['slices'], 1)} | "
                 + " | ".join(_f(st.get(k)) for k in ("read", "preprocess", "infer", "postprocess", "write"))
                 + f" | {_f(ratio)} | {_f(r.get('peak_rss_mb'), 0)} |"
             )
@@ -109,15 +114,18 @@ def parity_markdown(rep: dict) -> str:
     out = [
         f"# Dice parity against {Path(ref['model']).name}",
         "",
-        f"Gate: no case may lose more than {drop} Dice (liver or tumour) against the reference's Dice with the ground truth.",
+        f"Gate: no case may lose more than {drop} Dice (liver or tumour) against the reference's Dice with the ground "
+        "truth.",
         "",
-        "| model | precision | liver Dice (mean / global) | tumour Dice (mean / global) | Dice vs reference (liver / tumour, mean) | argmax agreement | max abs logit diff | worst drop | gate |",
+        "| model | precision | liver Dice (mean / global) | tumour Dice (mean / global) | Dice vs reference (liver / "
+        "tumour, mean) | argmax agreement | max abs logit diff | worst drop | gate |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
     rs = ref.get("summary") or {}
     if rs:
         out.append(
-            f"| {Path(ref['model']).name} (reference) | fp32 | {_f(rs['liver']['dice_per_case_mean'], 4)} / {_f(rs['liver']['dice_global'], 4)} | "
+            f"| {Path(ref['model']).name} (reference) | fp32 | {_f(rs['liver']['dice_per_case_mean'], 4)} / "
+            f"{_f(rs['liver']['dice_global'], 4)} | "
             f"{_f(rs['tumor']['dice_per_case_mean'], 4)} / {_f(rs['tumor']['dice_global'], 4)} | | | | | |"
         )
     for m, r in rep["models"].items():
@@ -133,10 +141,13 @@ def parity_markdown(rep: dict) -> str:
         drops = [d for v in rows for d in v["drop"].values() if d is not None]
         prec = r.get("precision", "")
         out.append(
-            f"| {Path(m).name} | {prec} | {_f(s['liver']['dice_per_case_mean'], 4)} / {_f(s['liver']['dice_global'], 4)} | "
+            f"| {Path(m).name} | {prec} | {_f(s['liver']['dice_per_case_mean'], 4)} / "
+            f"{_f(s['liver']['dice_global'], 4)} | "
             f"{_f(s['tumor']['dice_per_case_mean'], 4)} / {_f(s['tumor']['dice_global'], 4)} | "
-            f"{_f(sum(vs['liver']) / len(vs['liver']) if vs['liver'] else None, 4)} / {_f(sum(vs['tumor']) / len(vs['tumor']) if vs['tumor'] else None, 4)} | "
-            f"{_f(r['agreement_mean'], 5)} | {_f(r['max_abs_logit_diff'], 3)} | {_f(max(drops) if drops else None, 4)} | {'pass' if r['pass'] else 'FAIL'} |"
+            f"{_f(sum(vs['liver']) / len(vs['liver']) if vs['liver'] else None, 4)} / "
+            f"{_f(sum(vs['tumor']) / len(vs['tumor']) if vs['tumor'] else None, 4)} | "
+            f"{_f(r['agreement_mean'], 5)} | {_f(r['max_abs_logit_diff'], 3)} | "
+            f"{_f(max(drops) if drops else None, 4)} | {'pass' if r['pass'] else 'FAIL'} |"
         )
     out += [
         "",
@@ -156,7 +167,8 @@ def parity_markdown(rep: dict) -> str:
             ]
             for k, v in rows.items():
                 out.append(
-                    f"| {k} | {_f(v['metrics']['liver']['dice'], 4)} | {_f(v['metrics']['tumor']['dice'], 4)} | {_f(v['drop']['liver'], 4)} | "
+                    f"| {k} | {_f(v['metrics']['liver']['dice'], 4)} | {_f(v['metrics']['tumor']['dice'], 4)} | "
+                    f"{_f(v['drop']['liver'], 4)} | "
                     f"{_f(v['drop']['tumor'], 4)} | {_f(v['agreement'], 5)} | {'pass' if v['pass'] else 'FAIL'} |"
                 )
     if rep.get("bad_cases"):

@@ -110,7 +110,8 @@ def speedups(rows: list[dict]) -> dict[int, float]:
 def train_step_markdown(rep: dict) -> str:
     up = speedups(rep["rows"])
     out = [
-        f"# Training step: batch {rep['batch']} x {rep['channels']} x {rep['crop']} x {rep['crop']}, depth {rep['depth']}",
+        f"# Training step: batch {rep['batch']} x {rep['channels']} x {rep['crop']} x {rep['crop']}, depth "
+        f"{rep['depth']}",
         "",
         f"{rep['machine']['cpu']}, {rep['device']}, {rep['threads']} threads, torch {rep['torch']}; "
         f"median of {rep['repeats']} steps after {rep['warmup']} warm-up steps, layouts interleaved.",

@@ -52,7 +52,8 @@ def onnx_cmd(checkpoint: Path, out: Path, verify_data: Path | None, opset: int) 
 
     path, v = export_onnx(checkpoint, out, verify_data, opset)
     click.echo(
-        f"wrote {path}: verified on {v.slices} slices, argmax agreement {v.agreement:.6f}, max |logit diff| {v.max_abs_diff:.2e}"
+        f"wrote {path}: verified on {v.slices} slices, argmax agreement {v.agreement:.6f}, max |logit diff| "
+        f"{v.max_abs_diff:.2e}"
     )
 
 
@@ -133,7 +134,8 @@ def quantize(
         quantize_edges=quantize_edges,
     )
     click.echo(
-        f"wrote {path} ({precision}{'/' + target if precision == 'int8' else ''}); every case within {max_dice_drop} Dice of FP32"
+        f"wrote {path} ({precision}{'/' + target if precision == 'int8' else ''}); every case within {max_dice_drop} "
+        "Dice of FP32"
     )
 
 

@@ -199,7 +199,8 @@ def export_onnx(
     if v.agreement < tol["agreement"] or v.max_abs_diff > tol["max_abs_rel"] * max(1.0, v.logit_scale):
         raise VerificationError(
             f"ONNX output differs from PyTorch: argmax agreement {v.agreement:.6f} (need >= {tol['agreement']}), "
-            f"max |logit diff| {v.max_abs_diff:.3g} (allowed {tol['max_abs_rel'] * max(1.0, v.logit_scale):.3g}); nothing written"
+            f"max |logit diff| {v.max_abs_diff:.3g} (allowed {tol['max_abs_rel'] * max(1.0, v.logit_scale):.3g}); "
+            "nothing written"
         )
     spec = spec.with_(parity={"vs": "pytorch", **v.as_dict()})
     set_spec(proto, spec)

@@ -416,7 +416,8 @@ def check_qdq(model, target: str) -> dict:
             if zp is None:
                 if zp_name is None:
                     problems.append(
-                        f"{name}: no zero point (ONNX then means uint8); {'TensorRT' if target == 'tensorrt' else 'weights'} need an explicit int8 zero point of 0"
+                        f"{name}: no zero point (ONNX then means uint8); "
+                        f"{'TensorRT' if target == 'tensorrt' else 'weights'} need an explicit int8 zero point of 0"
                     )
             else:
                 if zp.dtype != np.int8:
@@ -573,7 +574,8 @@ def parity_table(per_case: dict, max_drop: float, notes: list | None = None) -> 
         L, T = r["liver"], r["tumor"]
         flag = "  FAIL" if any(x["drop"] is not None and x["drop"] > max_drop for x in (L, T)) else ""
         lines.append(
-            f"{name:<16}{r['agreement']:>8.5f}  {f(L['dice_fp32']):>10}{f(L['dice']):>8}{f(L['drop']):>8}{f(L['dice_vs_fp32']):>9}"
+            f"{name:<16}{r['agreement']:>8.5f}  "
+            f"{f(L['dice_fp32']):>10}{f(L['dice']):>8}{f(L['drop']):>8}{f(L['dice_vs_fp32']):>9}"
             f"  {f(T['dice_fp32']):>11}{f(T['dice']):>8}{f(T['drop']):>8}{f(T['dice_vs_fp32']):>9}{flag}"
         )
     lines.append(

@@ -369,7 +369,7 @@ def _row_line(row: dict) -> str:
 
 def write_results(rows: list[dict], path: Path) -> Path:
     """The result rows as Parquet (``.parquet``) or JSON lines (anything else), written atomically."""
-    from .io import write_bytes_atomic
+    from .io import json_text, write_bytes_atomic
 
     if path.suffix.lower() in (".parquet", ".pq"):
         import io
@@ -380,7 +380,7 @@ def write_results(rows: list[dict], path: Path) -> Path:
         buf = io.BytesIO()
         pq.write_table(pa.Table.from_pylist([{k: r.get(k) for k in COLUMNS} for r in rows]), buf)
         return write_bytes_atomic(path, buf.getvalue())
-    text = "".join(json.dumps({k: r.get(k) for k in COLUMNS}) + "\n" for r in rows)
+    text = "".join(json_text({k: r.get(k) for k in COLUMNS}) + "\n" for r in rows)  # strict JSON lines
     return write_bytes_atomic(path, text.encode())
 
 

@@ -264,29 +264,8 @@ def why_not_done(
     return None
 
 
-def _plain(o):
-    """JSON-ready copy: numpy scalars and arrays as Python values, paths as strings, NaN/Inf as null."""
-    import math
-
-    import numpy as np
-
-    if isinstance(o, dict):
-        return {str(k): _plain(v) for k, v in o.items()}
-    if isinstance(o, (list, tuple)):
-        return [_plain(v) for v in o]
-    if isinstance(o, np.ndarray):
-        return _plain(o.tolist())
-    if isinstance(o, np.generic):
-        return _plain(o.item())
-    if isinstance(o, float) and not math.isfinite(o):
-        return None
-    if isinstance(o, Path):
-        return str(o)
-    return o
-
-
 def json_bytes(obj) -> bytes:
     """Strict JSON (no NaN or Infinity, which JSON does not have: they become null), indented."""
-    import json
+    from .io import json_text
 
-    return (json.dumps(_plain(obj), indent=2, allow_nan=False) + "\n").encode()
+    return (json_text(obj, indent=2) + "\n").encode()

@@ -264,8 +264,11 @@ def test_manifest_errors_are_one_line(tmp_path):
     bad.write_text("path,case_id\na.nii.gz,../x\n")
     with pytest.raises(InputError, match="not a file name"):
         read_manifest(bad)
-    with pytest.raises(InputError, match="would both write"):
-        output_names([(tmp_path / "a" / "x.nii.gz", None), (tmp_path / "b" / "x.nii.gz", None)])
+    # the names plain seg-run derives: one file name in two folders is named by its folder
+    a, b = tmp_path / "a" / "x.nii.gz", tmp_path / "b" / "x.nii.gz"
+    assert output_names([(a, None), (b, None)]) == {a: "a_x", b: "b_x"}
+    with pytest.raises(InputError, match="would write the same outputs"):
+        output_names([(a, "case1"), (b, "case1")])
     good = tmp_path / "g.csv"
     good.write_text("path,case_id\nsub/a.nii.gz,\n/abs/b.nii.gz,bee\n")
     assert read_manifest(good) == [(tmp_path / "sub" / "a.nii.gz", None), (Path("/abs/b.nii.gz"), "bee")]

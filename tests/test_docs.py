@@ -206,11 +206,20 @@ class Workspace:
 
     def images(self, pattern: str) -> None:
         """Phantom CTs (no label maps) in the pattern's directory, named so that the pattern matches them."""
-        folder = self.path(Path(pattern).parent)
-        folder.mkdir(parents=True, exist_ok=True)
+        parent, leaf = Path(pattern).parent, Path(pattern).name
         suffix = ".nii" if pattern.endswith(".nii") else ".nii.gz"
-        for src in sorted(self.cases.glob("volume-*.nii.gz")):
-            shutil.copy(src, folder / (src.name[: -len(".nii.gz")] + suffix))
+        wild = any(ch in leaf for ch in "*?[")
+        sources = sorted(self.cases.glob("volume-*.nii.gz"))
+        if any(ch in str(parent) for ch in "*?["):  # 'pats/*/ct.nii.gz': one folder per case
+            for i, src in enumerate(sources):
+                folder = self.path(re.sub(r"[*?]|\[[^]]*\]", f"case{i}", str(parent)))
+                folder.mkdir(parents=True, exist_ok=True)
+                shutil.copy(src, folder / (src.name[: -len(".nii.gz")] + suffix if wild else leaf))
+        else:
+            folder = self.path(parent)
+            folder.mkdir(parents=True, exist_ok=True)
+            for src in sources:
+                shutil.copy(src, folder / (src.name[: -len(".nii.gz")] + suffix))
         if not glob.glob(str(self.path(pattern))):
             pytest.fail(f"cannot make placeholder volumes matching {pattern!r}; use a pattern like 'scans/*.nii.gz'")
 
@@ -279,6 +288,15 @@ def runnable(argv: list[str], ctx: click.Context, ws: Workspace) -> list[str] | 
 def test_documented_command(where, argv, cases, tmp_path, monkeypatch, capsys):
     """The command parses with the real CLI; the cheap ones run on small placeholders and succeed."""
     shown = shlex.join(argv)
+    ws = Workspace(tmp_path / "work", cases)
+    ws.root.mkdir()
+    monkeypatch.chdir(ws.root)
+    for arg in argv[1:]:  # files an argument must name before it parses (click.Path(exists=True))
+        if arg.endswith(".onnx") and not arg.startswith("-"):
+            ws.model(arg)
+        elif arg.endswith((".plan", ".pt")) and not arg.startswith("-"):
+            ws.path(arg).parent.mkdir(parents=True, exist_ok=True)
+            ws.path(arg).touch()
     try:
         top, ctx = parse(argv)
     except click.exceptions.Exit as exc:
@@ -286,9 +304,6 @@ def test_documented_command(where, argv, cases, tmp_path, monkeypatch, capsys):
         return
     except click.ClickException as exc:
         pytest.fail(f"{where}: `{shown}` does not parse: {exc.format_message()}")
-    ws = Workspace(tmp_path / "work", cases)
-    ws.root.mkdir()
-    monkeypatch.chdir(ws.root)
     monkeypatch.setenv("UNET_EDGE_DEMO_MODEL", str(ws.model(tmp_path / "demo.onnx")))
     args = argv[1:] if ctx is None else runnable(argv, ctx, ws)
     if args is None:
@@ -315,7 +330,8 @@ def test_no_seg_command_escapes_the_check():
             if lang in SHELL_LANGS:
                 for number, line in enumerate(lines, start):
                     assert not re.match(r"^\s*[$%>] ", line), (
-                        f"{path.relative_to(ROOT)}:{number}: drop the prompt, so that tests/test_docs.py sees the command"
+                        f"{path.relative_to(ROOT)}:{number}: drop the prompt, so that tests/test_docs.py sees the "
+                        "command"
                     )
                 continue
             for number, line in enumerate(lines, start):

@@ -142,7 +142,8 @@ def test_tables_show_every_case_and_the_summary_rows():
 
 
 def _cases(tumour_dice: dict[str, float | None], fp: tuple[str, ...] = ()) -> dict[str, dict]:
-    """Per-case metrics as case_metrics gives them, for the fields paired_dice reads; None = no tumour in the reference."""
+    """Per-case metrics as case_metrics gives them, for the fields paired_dice reads;
+    None = no tumour in the reference."""
 
     def one(d, name):
         ref = 0 if d is None else 100

@@ -145,7 +145,7 @@ def test_wall_time_counts_the_read_once(tmp_path, model, monkeypatch):
     """A volume's wall time spans its read and everything after it, and nothing twice."""
     import time
 
-    import runtime.io as rp
+    import runtime.pipeline as rp  # seg-run reads through runtime.pipeline.read_any
     from runtime.backends.onnxrt import OnnxRuntimeBackend
     from runtime.cli import segment_files
 

@@ -252,8 +252,8 @@ def test_seg_run_refuses_a_batch_above_the_plans_profile_before_any_volume(fake_
     code, text = run_main(cli, [vol, "--model", plan, "-o", tmp_path / "out", "--batch-size", 16], capsys)
     assert code != 0 and "Traceback" not in text
     assert (
-        "--batch-size 16 is above m.plan's max batch 8; use --batch-size 8 or less, or rebuild the plan with --max-batch 16"
-        in text
+        "--batch-size 16 is above m.plan's max batch 8; use --batch-size 8 or less, or rebuild the plan with "
+        "--max-batch 16" in text
     )
     assert not list(tmp_path.glob("out/*"))
 

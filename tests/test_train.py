@@ -96,7 +96,8 @@ def test_checkpoint_spec_reproduces_training_preprocessing_without_torch(tiny_ru
     code = (
         "import sys; sys.modules['torch'] = None\n"
         "import numpy as np\n"
-        "from runtime.spec import ModelSpec\nfrom runtime.io import read_volume\nfrom runtime.preprocess import make_batch\n"
+        "from runtime.spec import ModelSpec\nfrom runtime.io import read_volume\nfrom runtime.preprocess import "
+        "make_batch\n"
         f"spec = ModelSpec.from_json(open({str(tmp_path / 'spec.json')!r}).read())\n"
         f"v = read_volume({str(case.image)!r})\n"
         f"np.save({str(tmp_path / 'rt.npy')!r}, make_batch(v.data, v.spacing, spec.preprocess, 7, 8)[0])\n"

@@ -290,7 +290,8 @@ def compare(base: Path, others: tuple[Path, ...], structure: str, out_json: Path
         if r["cases_without"]:
             fb, fo = r["false_positive_cases"]
             click.echo(
-                f"  {r['cases_without']} case(s) without a {structure}: false positives on {fb} for {base}, on {fo} for {name}"
+                f"  {r['cases_without']} case(s) without a {structure}: false positives on {fb} for {base}, on {fo} "
+                f"for {name}"
             )
         if r["only_base"] or r["only_other"]:
             click.echo(

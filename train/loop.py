@@ -612,7 +612,8 @@ def fit(data_dir: str | Path, out_dir: str | Path, cfg: TrainConfig, resume: boo
                     f" ({record['val_s']:.0f}s)"
                 )
                 if "bn_agree_before" in record:
-                    msg += f"; eval/train-mode agreement {_f(record['bn_agree_before'])} -> {_f(record.get('bn_agree_after'))}"
+                    before, after = _f(record["bn_agree_before"]), _f(record.get("bn_agree_after"))
+                    msg += f"; eval/train-mode agreement {before} -> {after}"
             log(msg)
         if stop:
             if rank == 0:

@@ -8,6 +8,8 @@ its batch limits, input dtype and how many batches it can have in flight at once
 
 from __future__ import annotations
 
+from concurrent.futures import Future, ThreadPoolExecutor
+
 import numpy as np
 
 from ..errors import SegError
@@ -87,3 +89,29 @@ class Backend:
     def details(self) -> list[str]:
         """What ``describe`` adds after the provider; backends with settings worth logging override it."""
         return []
+
+
+class PooledBackend(Backend):
+    """A backend that runs several batches at once on a thread pool (ONNX Runtime's CPU
+    streams, Triton's requests in flight): ``submit`` hands a batch to the pool, ``collect``
+    waits for it; without a pool, batches run one at a time in the caller's thread."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._pool: ThreadPoolExecutor | None = None
+
+    def start_pool(self, workers: int, prefix: str) -> None:
+        self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix=prefix)
+
+    def submit(self, batch: np.ndarray):
+        if self._pool is None:
+            return self.infer(batch)
+        return self._pool.submit(self.infer, batch)
+
+    def collect(self, token) -> np.ndarray:
+        return token.result() if isinstance(token, Future) else token
+
+    def stop_pool(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+            self._pool = None

@@ -12,14 +12,13 @@ stalls the other at every operator's barrier.
 from __future__ import annotations
 
 import os
-from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
 
 from ..errors import InputError, SegError, SpecError, require
 from ..spec import METADATA_KEY, ModelSpec
-from .base import Backend
+from .base import PooledBackend
 
 PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider", "tensorrt": "TensorrtExecutionProvider"}
 
@@ -44,7 +43,8 @@ def spec_from_session(session, path: str | Path) -> ModelSpec:
     meta = session.get_modelmeta().custom_metadata_map
     if METADATA_KEY not in meta:
         raise SpecError(
-            f"{path}: the model carries no spec; export it with 'seg-export onnx CHECKPOINT' so it records its preprocessing"
+            f"{path}: the model carries no spec; export it with 'seg-export onnx CHECKPOINT' so it records its "
+            "preprocessing"
         )
     return ModelSpec.from_json(meta[METADATA_KEY])
 
@@ -92,7 +92,7 @@ def plan_streams(streams: int, threads: int, cores: int) -> tuple[int, int]:
     return streams, max(1, (threads or cores) // streams)
 
 
-class OnnxRuntimeBackend(Backend):
+class OnnxRuntimeBackend(PooledBackend):
     name = "onnxruntime"
 
     def __init__(
@@ -105,7 +105,6 @@ class OnnxRuntimeBackend(Backend):
         self.streams = streams
         self.optimize = optimize
         self.session = None
-        self._pool: ThreadPoolExecutor | None = None
 
     def activate_impl(self) -> None:
         ort = require("onnxruntime", "cpu", "the ONNX Runtime backend")
@@ -151,23 +150,13 @@ class OnnxRuntimeBackend(Backend):
         # instead of idling until the pipeline has collected the oldest batch and submitted one
         self.queued = streams if streams > 1 else 0
         if streams > 1:
-            self._pool = ThreadPoolExecutor(max_workers=streams, thread_name_prefix="ort-stream")
+            self.start_pool(streams, "ort-stream")
 
     def infer_impl(self, batch: np.ndarray) -> np.ndarray:
         return self.session.run([self._out], {self._in: batch})[0]
 
-    def submit(self, batch: np.ndarray):
-        if self._pool is None:
-            return self.infer(batch)
-        return self._pool.submit(self.infer, batch)
-
-    def collect(self, token) -> np.ndarray:
-        return token.result() if isinstance(token, Future) else token
-
     def release_impl(self) -> None:
-        if self._pool is not None:
-            self._pool.shutdown(wait=True, cancel_futures=True)
-            self._pool = None
+        self.stop_pool()
         self.session = None
 
     def details(self) -> list[str]:

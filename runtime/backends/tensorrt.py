@@ -95,7 +95,8 @@ class TensorRTBackend(Backend):
         io = self.spec.io
         if inputs != [io.input_name] or io.output_name not in outputs:
             raise SegError(
-                f"{self.path}: engine tensors {inputs} -> {outputs} do not match the spec ({io.input_name} -> {io.output_name})"
+                f"{self.path}: engine tensors {inputs} -> {outputs} do not match the spec ({io.input_name} -> "
+                f"{io.output_name})"
             )
         self.in_name, self.out_name, self.outputs = io.input_name, io.output_name, outputs
         mn, opt, mx = (tuple(s) for s in self.engine.get_tensor_profile_shape(self.in_name, 0))

@@ -15,13 +15,12 @@ mid-volume (the volume fails before anything is written; a batch run goes on to 
 from __future__ import annotations
 
 import threading
-from concurrent.futures import Future, ThreadPoolExecutor
 
 import numpy as np
 
 from ..errors import SegError, SpecError, require
 from ..spec import METADATA_KEY, ModelSpec
-from .base import Backend
+from .base import PooledBackend
 
 PROTOCOLS = ("grpc", "http")
 
@@ -51,7 +50,7 @@ def split_url(url: str, protocol: str) -> tuple[str, str]:
     return url, protocol
 
 
-class TritonBackend(Backend):
+class TritonBackend(PooledBackend):
     name = "triton"
 
     def __init__(
@@ -76,7 +75,6 @@ class TritonBackend(Backend):
         self._local = threading.local()
         self._clients: list = []
         self._lock = threading.Lock()
-        self._pool: ThreadPoolExecutor | None = None
 
     # clients -----------------------------------------------------------------------------
     def _module(self):
@@ -141,7 +139,7 @@ class TritonBackend(Backend):
         preferred = [int(b) for b in (cfg.get("dynamic_batching") or {}).get("preferred_batch_size", [])]
         self.default_batch = min([4, self.max_batch, *preferred[:1]])
         self.provider = f"{self.protocol}://{self.url}/{self.model_name}"
-        self._pool = ThreadPoolExecutor(max_workers=self.in_flight, thread_name_prefix="triton-request")
+        self.start_pool(self.in_flight, "triton-request")
 
     def _json(self) -> dict:
         return {"as_json": True} if self.protocol == "grpc" else {}
@@ -212,18 +210,8 @@ class TritonBackend(Backend):
             raise TritonError(f"model {self.model_name!r} on {self.url} returned logits of shape {got}, not {want}")
         return logits
 
-    def submit(self, batch: np.ndarray):
-        if self._pool is None:
-            return self.infer(batch)
-        return self._pool.submit(self.infer, batch)
-
-    def collect(self, token) -> np.ndarray:
-        return token.result() if isinstance(token, Future) else token
-
     def release_impl(self) -> None:
-        if self._pool is not None:
-            self._pool.shutdown(wait=True, cancel_futures=True)
-            self._pool = None
+        self.stop_pool()
         with self._lock:
             clients, self._clients = self._clients, []
         for c in clients:

@@ -477,6 +477,9 @@ def cli(
                 overlay=overlay,
                 probabilities=probabilities,
                 min_tumour_ml=min_tumour_ml,
+                force=force,
+                dicom_seg=dicom_seg,
+                resample_gaps=resample_gaps,
             )
         )
     if model is None:

@@ -70,6 +70,9 @@ class VolumeJob:
     overlay: bool = False
     probabilities: bool = False
     min_tumour_ml: float = 0.0
+    force: bool = False
+    dicom_seg: bool = False
+    resample_gaps: bool = False
 
 
 def read_manifest(path: Path) -> list[tuple[Path, str | None]]:
@@ -181,6 +184,10 @@ class SegmentVolumes:
         )
         p, out_dir = Path(path), Path(self.job.out_dir)
         try:
+            if self.job.resample_gaps:
+                from .dicom import set_resample_gaps
+
+                set_resample_gaps(True)
             result = segment_files(
                 [p],
                 self.backend,
@@ -194,6 +201,8 @@ class SegmentVolumes:
                 probabilities=self.job.probabilities,
                 min_tumour_ml=self.job.min_tumour_ml,
                 names={p: case_id},
+                force=self.job.force,
+                dicom_seg=self.job.dicom_seg,
             )[p]
         except Exception as exc:  # one volume's failure of any kind is its own row, never the job's
             result = f"{path}: {type(exc).__name__}: {exc}" if not isinstance(exc, SegError) else str(exc)

@@ -171,6 +171,24 @@ def test_cohort_failures_are_rows_and_rerun_skips(cluster, cohort, tmp_path):
     assert {p.name: p.stat().st_mtime_ns for p in out.glob("*_seg.nii.gz")} == stamps
 
 
+def test_dicom_series_on_the_cluster_get_the_same_mask_and_a_seg(cluster, cohort, tmp_path):
+    """--dicom-seg and the DICOM reader reach the actors: a series segmented on the cluster gives
+    the mask plain seg-run gives, and its DICOM SEG."""
+    pytest.importorskip("highdicom")
+    from runtime.dicom_write import write_ct_series
+
+    img = nib.load(write_case(tmp_path / "v.nii.gz", 0))
+    write_ct_series(np.asarray(img.dataobj, dtype=np.float32), img.affine, tmp_path / "study" / "series")
+    args = [tmp_path / "study", "-m", cohort["model"], "--dicom-seg"]
+    code, text = _run([*args, "-o", tmp_path / "plain"])
+    assert code == 0, text
+    code, text = _run([*args, "-o", tmp_path / "ray", "--ray", "auto"])
+    assert code == 0, text
+    (plain,) = (tmp_path / "plain").glob("*_seg.nii.gz")
+    assert (tmp_path / "ray" / plain.name).read_bytes() == plain.read_bytes()
+    assert (tmp_path / "ray" / plain.name.replace(".nii.gz", ".dcm")).stat().st_size > 0
+
+
 def _actor_pids() -> list[int]:
     import psutil
 

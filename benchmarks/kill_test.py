@@ -45,32 +45,9 @@ def _sha(path: Path) -> str:
 def small_model(path: Path, size: int = 128, spacing_mm: float = 3.0) -> Path:
     """A 1x1-convolution ONNX model (liver where the windowed HU is high) carrying a spec: it
     runs in milliseconds, so a trial's time is seg-run's own reading, postprocessing and writing."""
-    import numpy as np
-    import onnx
-    from onnx import TensorProto, helper, numpy_helper
+    from .tiny_models import threshold_model, threshold_spec
 
-    from runtime.spec import METADATA_KEY, ModelSpec, Preprocess
-
-    spec = ModelSpec(
-        preprocess=Preprocess(size=(size, size), spacing_mm=spacing_mm, context=0),
-        model={"in_channels": 1, "classes": 3},
-    ).validate()
-    weight = np.zeros((3, 1, 1, 1), np.float32)
-    bias = np.array([0.0, -11.0, -10.0], np.float32)
-    weight[1, 0] = 20.0
-    graph = helper.make_graph(
-        [helper.make_node("Conv", ["slices", "W", "B"], ["logits"])],
-        "threshold",
-        [helper.make_tensor_value_info("slices", TensorProto.FLOAT, ["batch", 1, size, size])],
-        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", 3, size, size])],
-        [numpy_helper.from_array(weight, "W"), numpy_helper.from_array(bias, "B")],
-    )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = 8
-    entry = model.metadata_props.add()
-    entry.key, entry.value = METADATA_KEY, spec.to_json()
-    onnx.save(model, str(path))
-    return path
+    return threshold_model(path, threshold_spec(size, spacing_mm))
 
 
 def classify(out: Path, name: str, want: dict[str, str]) -> str:

@@ -10,6 +10,7 @@ import threading
 import numpy as np
 import pytest
 
+from benchmarks.tiny_models import threshold_model, threshold_spec
 from runtime.backends.plan import (
     DeviceInfo,
     PlanMismatch,
@@ -22,7 +23,6 @@ from runtime.backends.plan import (
 )
 from runtime.errors import InputError, MissingDependency, SegError
 from runtime.models import choose_backend, open_backend
-from tests.models import threshold_model, threshold_spec
 
 ORIN = DeviceInfo("Orin", (8, 7), 8 << 30)
 PLAN = b"\x00plan bytes\x01" * 10

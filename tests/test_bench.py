@@ -209,9 +209,9 @@ def test_score_agrees_with_hand_computed_dice_and_reports_mismatches(tmp_path, c
 
 
 def test_score_runs_on_masks_written_by_seg_run(tmp_path, capsys):
+    from benchmarks.tiny_models import threshold_model
     from runtime.cli import cli as run_cli_cmd
     from runtime.phantoms import write_phantoms
-    from tests.models import threshold_model
 
     write_phantoms(tmp_path / "data", 2, seed=5, size=64, slices=16, progress=False)
     model = threshold_model(tmp_path / "m.onnx")

@@ -18,10 +18,10 @@ import nibabel as nib
 import numpy as np
 import pytest
 
+from benchmarks.tiny_models import threshold_model
 from runtime.cli import cli
 from runtime.io import write_nifti
 from runtime.phantoms import make_phantom, phantom_images
-from tests.models import threshold_model
 
 GOOD, BAD = 9, 3
 

@@ -17,6 +17,7 @@ pytest.importorskip("highdicom", reason='needs the dicom extra: pip install "une
 
 import pydicom  # noqa: E402
 
+from benchmarks.tiny_models import threshold_model  # noqa: E402
 from runtime import dicom  # noqa: E402
 from runtime.cli import cli  # noqa: E402
 from runtime.dicom_write import new_ids, write_ct_series  # noqa: E402
@@ -24,7 +25,6 @@ from runtime.errors import InputError  # noqa: E402
 from runtime.io import read_labels, read_volume, to_canonical, write_nifti  # noqa: E402
 from runtime.phantoms import canonical, make_phantom, phantom_images  # noqa: E402
 from tests.conftest import run_main  # noqa: E402
-from tests.models import threshold_model  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 REAL = Path(__file__).resolve().parents[2] / "shared" / "data" / "real-dicom"
@@ -420,7 +420,7 @@ def test_dciodvfy_finds_no_errors_in_our_seg(tmp_path, phantom, model, capsys):
 def test_seg_bench_takes_a_dicom_folder(tmp_path, phantom):
     from benchmarks.cli import _volumes
     from benchmarks.latency import real_slices
-    from tests.models import threshold_spec
+    from benchmarks.tiny_models import threshold_spec
 
     write_ct_series(phantom.hu, phantom.affine, tmp_path / "s")
     (path,) = _volumes(tmp_path / "s", quick=False, tmp=tmp_path)

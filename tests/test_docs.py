@@ -183,7 +183,7 @@ class Workspace:
         return p if p.is_absolute() else self.root / p
 
     def model(self, value) -> Path:
-        from tests.models import threshold_model
+        from benchmarks.tiny_models import threshold_model
 
         p = self.path(value)
         if not p.exists():

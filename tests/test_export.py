@@ -9,6 +9,7 @@ pytest.importorskip("torch")
 onnx = pytest.importorskip("onnx")
 ort = pytest.importorskip("onnxruntime")
 
+from benchmarks.tiny_models import threshold_model  # noqa: E402
 from export.cli import cli  # noqa: E402
 from export.onnx_export import export_onnx  # noqa: E402
 from export.quantize import GateFailure, check_qdq, quantize, upsampling_as_depth_to_space  # noqa: E402
@@ -16,7 +17,6 @@ from runtime.datasets import load_dataset  # noqa: E402
 from runtime.errors import InputError, SegError  # noqa: E402
 from runtime.spec import METADATA_KEY, ModelSpec  # noqa: E402
 from tests.conftest import run_main  # noqa: E402
-from tests.models import threshold_model  # noqa: E402
 
 
 @pytest.fixture(scope="module")

@@ -59,9 +59,9 @@ def test_voxel_volume_agrees_for_spacing_and_affine():
 
 
 def test_seg_run_reports_the_determinant_volume_of_a_tilted_scan(tmp_path, capsys):
+    from benchmarks.tiny_models import threshold_model, threshold_spec
     from runtime.cli import cli
     from tests.conftest import run_main, save_nifti
-    from tests.models import threshold_model, threshold_spec
 
     affine = tilted(25.0, (2.0, 2.0, 2.5))
     inside = ellipsoid_on(affine, (96, 96, 64)).astype(bool)

@@ -8,8 +8,8 @@ import sys
 
 import pytest
 
+from benchmarks.tiny_models import threshold_model, threshold_spec
 from tests.fake_gpu import FakeCuda, fake_tensorrt
-from tests.models import threshold_model, threshold_spec
 
 STATUSES = {"ran", "failed", "not applicable"}
 

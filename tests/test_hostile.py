@@ -22,10 +22,10 @@ import nibabel as nib
 import numpy as np
 import pytest
 
+from benchmarks.tiny_models import threshold_model, threshold_spec
 from runtime.io import write_nifti
 from runtime.phantoms import make_phantom, phantom_images
 from tests.conftest import save_nifti
-from tests.models import threshold_model, threshold_spec
 
 SIZE, SLICES = 64, 12
 AFFINE = np.diag([6.0, 6.0, 5.0, 1.0])
@@ -187,26 +187,7 @@ def rgb_volume(path: Path) -> Path:
 
 def stride_model(path: Path) -> Path:
     """A model whose output is half the size of its input: a 1x1 convolution with stride 2."""
-    import onnx
-    from onnx import TensorProto, helper, numpy_helper
-
-    from runtime.spec import METADATA_KEY
-
-    spec = threshold_spec(SIZE)
-    w = np.zeros((3, 1, 1, 1), np.float32)
-    graph = helper.make_graph(
-        [helper.make_node("Conv", ["slices", "W"], ["logits"], strides=[2, 2])],
-        "half",
-        [helper.make_tensor_value_info("slices", TensorProto.FLOAT, ["batch", 1, SIZE, SIZE])],
-        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", 3, SIZE // 2, SIZE // 2])],
-        [numpy_helper.from_array(w, "W")],
-    )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = 8
-    entry = model.metadata_props.add()
-    entry.key, entry.value = METADATA_KEY, spec.to_json()
-    onnx.save(model, str(path))
-    return path
+    return threshold_model(path, threshold_spec(SIZE), stride=2)
 
 
 def noise(n: int) -> bytes:

@@ -169,7 +169,7 @@ def test_unwritable_or_missing_output_directory(tmp_path, monkeypatch):
     def denied(*args, **kwargs):  # what mkstemp raises in a read-only directory (root ignores mode bits)
         raise PermissionError(13, "Permission denied")
 
-    monkeypatch.setattr("runtime.io.tempfile.mkstemp", denied)
+    monkeypatch.setattr("runtime.outputs.tempfile.mkstemp", denied)  # where the temp file is made
     with pytest.raises(InputError, match="cannot write there.*writable output directory"):
         write_bytes_atomic(tmp_path / "a.bin", b"x")
     assert not (tmp_path / "a.bin").exists()

@@ -16,11 +16,11 @@ import nibabel as nib
 import numpy as np
 import pytest
 
+from benchmarks.tiny_models import threshold_model
 from runtime.cli import cli
 from runtime.errors import InputError
 from runtime.outputs import check_names, output_names, remove_stale_temps, temp_prefix, write_group_atomic
 from tests.conftest import run_main, save_nifti
-from tests.models import threshold_model
 from tests.test_seg_run import write_case
 
 

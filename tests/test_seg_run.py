@@ -10,12 +10,12 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
+from benchmarks.tiny_models import threshold_model
 from runtime.cli import cli
 from runtime.errors import SpecError
 from runtime.io import write_nifti
 from runtime.phantoms import make_phantom, phantom_images
 from tests.conftest import run_main, save_nifti
-from tests.models import threshold_model
 
 
 @pytest.fixture

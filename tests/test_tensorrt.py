@@ -12,6 +12,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
+from benchmarks.tiny_models import threshold_model, threshold_spec
 from runtime.backends.plan import make_sidecar, sidecar_path
 from runtime.models import file_sha256, open_backend
 from tests.fake_gpu import (
@@ -24,7 +25,6 @@ from tests.fake_gpu import (
     fake_pycuda_driver,
     fake_tensorrt,
 )
-from tests.models import threshold_model, threshold_spec
 
 PROFILE = (1, 4, 8)
 

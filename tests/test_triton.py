@@ -19,6 +19,7 @@ import pytest
 
 pytest.importorskip("tritonclient.grpc", reason="needs the triton extra: pip install 'unet-edge[triton]'")
 
+from benchmarks.tiny_models import threshold_model, threshold_spec  # noqa: E402
 from export.triton import export_repository  # noqa: E402
 from runtime.backends.plan import DeviceInfo, make_sidecar, sidecar_path  # noqa: E402
 from runtime.cli import cli as seg_run  # noqa: E402
@@ -26,7 +27,6 @@ from runtime.models import file_sha256  # noqa: E402
 from runtime.spec import METADATA_KEY, ModelSpec  # noqa: E402
 from tests.conftest import run_main, save_nifti  # noqa: E402
 from tests.fake_gpu import DEVICE, VERSION, FakeCuda, fake_plan_bytes, fake_tensorrt  # noqa: E402
-from tests.models import threshold_model, threshold_spec  # noqa: E402
 
 
 def parse_config(folder: Path):

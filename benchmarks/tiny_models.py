@@ -1,4 +1,5 @@
-"""Tiny ONNX models built with onnx.helper (no torch), carrying a spec like exported models."""
+"""Tiny ONNX models built with onnx.helper (no torch), carrying a spec like exported models: what the
+tests and the kill benchmark run, so that a run's time is seg-run's own work, not the model's."""
 
 from __future__ import annotations
 
@@ -23,11 +24,13 @@ def threshold_model(
     out_channels: int = 3,
     in_hw: tuple[int, int] | None = None,
     tumour_level: float | None = None,
+    stride: int = 1,
 ) -> Path:
     """A 1x1 Conv: liver logit = 20 * (x - level), background 0, tumour -10. Liver where the
     windowed intensity exceeds ``level`` (HU > -200 + level * 450 with the default window).
     With ``tumour_level`` the tumour logit is 40 * (x - tumour_level): tumour where x exceeds
-    2 * tumour_level - level (bright voxels, noisy specks among them)."""
+    2 * tumour_level - level (bright voxels, noisy specks among them). ``stride`` > 1 makes the
+    output that much smaller than the input (a model that does not fit its spec)."""
     import onnx
     from onnx import TensorProto, helper, numpy_helper
 
@@ -43,10 +46,10 @@ def threshold_model(
         if tumour_level is not None:
             weight[2, c // 2], bias[2] = 40.0, -40.0 * tumour_level
     graph = helper.make_graph(
-        [helper.make_node("Conv", ["slices", "W", "B"], ["logits"])],
+        [helper.make_node("Conv", ["slices", "W", "B"], ["logits"], strides=[stride, stride])],
         "threshold",
         [helper.make_tensor_value_info("slices", TensorProto.FLOAT, ["batch", c, h, w])],
-        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", out_channels, h, w])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", out_channels, h // stride, w // stride])],
         [numpy_helper.from_array(weight, "W"), numpy_helper.from_array(bias, "B")],
     )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])

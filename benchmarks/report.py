@@ -291,7 +291,8 @@ def write_reports(out_dir: Path, stem: str, rep: dict, markdown: str, plots: lis
     """Write <stem>.json and <stem>.md together (both or neither, never half a report), then the
     plots. Callers write only a run that succeeded, so a good report is never replaced by a
     failed run's."""
-    from runtime.outputs import json_bytes, write_group_atomic
+    from runtime.io import json_bytes
+    from runtime.outputs import write_group_atomic
 
     out_dir.mkdir(parents=True, exist_ok=True)
     written = write_group_atomic(

@@ -98,12 +98,11 @@ def segment_files(
 
     from . import dicom_seg as dseg
     from .dicom import is_series_path, report_fields, series_sha256
-    from .io import intensity_warning, mask_image, nifti_bytes, probability_image
+    from .io import intensity_warning, json_bytes, mask_image, nifti_bytes, probability_image
     from .models import file_sha256
     from .outputs import (
         DiskFullError,
         check_names,
-        json_bytes,
         output_names,
         remove_stale_temps,
         sha256_bytes,
@@ -451,13 +450,16 @@ def cli(
     elif url or model_name:
         raise click.UsageError("--url and --model-name go with --backend triton")
     if ray_address:
-        from .cluster import import_ray, run_cluster_cli
+        from .cluster import import_ray
 
         import_ray()  # without the extra, say what to install before creating anything
-        check_output_dir(out_dir)
-        if model is None:
-            model = demo_model_path()
-            click.echo(f"note: no --model given; using the embedded demo model: {DEMO_NOTE}", err=True)
+    if model is None:
+        model = demo_model_path()
+        click.echo(f"note: no --model given; using the embedded demo model: {DEMO_NOTE}", err=True)
+    check_output_dir(out_dir)
+    if ray_address:
+        from .cluster import run_cluster_cli
+
         sys.exit(
             run_cluster_cli(
                 paths,
@@ -482,10 +484,6 @@ def cli(
                 resample_gaps=resample_gaps,
             )
         )
-    if model is None:
-        model = demo_model_path()
-        click.echo(f"note: no --model given; using the embedded demo model: {DEMO_NOTE}", err=True)
-    check_output_dir(out_dir)
     with open_backend(
         model, backend, provider, threads, cuda_graph=cuda_graph, streams=streams, url=url, protocol=protocol
     ) as be:

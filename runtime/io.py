@@ -8,10 +8,10 @@ it costs no copy. Masks are mapped back by the exact inverse and written atomica
 
 from __future__ import annotations
 
+import errno
 import gzip
 import json
 import os
-import tempfile
 import threading
 import zlib
 from collections.abc import Callable
@@ -445,40 +445,30 @@ def write_nifti(img: nib.Nifti1Image, path: str | os.PathLike) -> Path:
 
 
 def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> Path:
-    """Write to a temporary file in the target directory, then rename over the target."""
-    p = Path(path)
-    parent = p.parent if str(p.parent) else Path(".")
-    if not parent.is_dir():
-        raise InputError(f"{parent}: output directory does not exist; create it first")
-    from .outputs import _FULL, TEMP_SUFFIX, DiskFullError, disk_full_message, temp_prefix
+    """Write to a temporary file of ours in the target directory, then rename over the target
+    (runtime.outputs.write_group_atomic with one file): a full disk is one DiskFullError, a
+    folder that cannot be written one InputError."""
+    from .outputs import write_group_atomic
 
-    try:  # our temp files carry our prefix, so a later run can clear the ones a killed run left
-        fd, tmp = tempfile.mkstemp(dir=parent, prefix=temp_prefix(), suffix=TEMP_SUFFIX)
-    except OSError as exc:
-        if exc.errno in _FULL:
-            raise DiskFullError(disk_full_message(parent, exc)) from exc
-        raise InputError(f"{parent}: cannot write there ({_reason(exc)}); choose a writable output directory") from exc
+    p = Path(path)
     try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, p)
-    except BaseException as exc:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        if isinstance(exc, OSError) and exc.errno in _FULL:
-            raise DiskFullError(disk_full_message(parent, exc)) from exc
-        raise
+        write_group_atomic([(p, data)])
+    except OSError as exc:
+        if exc.errno not in (errno.EACCES, errno.EPERM, errno.EROFS):
+            raise
+        parent = p.parent if str(p.parent) else Path(".")
+        raise InputError(f"{parent}: cannot write there ({_reason(exc)}); choose a writable output directory") from exc
     return p
 
 
+def json_bytes(obj: Any) -> bytes:
+    """Strict, indented JSON as file bytes (see ``json_text``)."""
+    return (json_text(obj, indent=2) + "\n").encode()
+
+
 def write_json_atomic(path: str | os.PathLike, obj: Any) -> Path:
-    """Write strict JSON atomically (see ``json_text``)."""
-    return write_bytes_atomic(path, (json_text(obj, indent=2) + "\n").encode())
+    """Write strict JSON atomically."""
+    return write_bytes_atomic(path, json_bytes(obj))
 
 
 def json_text(obj: Any, indent: int | None = None) -> str:

@@ -262,10 +262,3 @@ def why_not_done(
         if not prob_path.is_file() or rec.get("probabilities_sha256") != file_sha256(prob_path):
             return f"{prob_path.name} is missing or does not match its JSON"
     return None
-
-
-def json_bytes(obj) -> bytes:
-    """Strict JSON (no NaN or Infinity, which JSON does not have: they become null), indented."""
-    from .io import json_text
-
-    return (json_text(obj, indent=2) + "\n").encode()

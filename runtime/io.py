@@ -29,7 +29,9 @@ from .geometry import (
     check_file_holds,
     check_memory,
     geometry_problems,
+    intensity_sample,
     not_ct_reason,
+    percentiles_1_99,
     voxel_volume_ml,
 )
 
@@ -369,9 +371,7 @@ def read_labels(path: str | os.PathLike, num_classes: int = 3) -> Volume:
 
 def intensity_warning(data: np.ndarray) -> str | None:
     """A warning when a volume does not look like CT in Hounsfield units (e.g. MR or normalised)."""
-    # every 16th slice and every 4th voxel in-plane: a quarter million voxels of a CT, plenty for a percentile
-    sample = data[:: max(1, data.shape[0] // 16), ::4, ::4]
-    lo, hi = (float(v) for v in np.percentile(sample, [1, 99]))
+    lo, hi = percentiles_1_99(intensity_sample(data))
     if lo > -500 or hi < 0 or hi > 4000:
         return (
             f"intensities span {lo:.0f}..{hi:.0f} (1st-99th percentile), not the -1000..+1000 HU of CT; "

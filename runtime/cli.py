@@ -195,7 +195,7 @@ def segment_files(
             if prob_path is not None:
                 files.append((prob_path, nifti_bytes(probability_image(prob, vol), prob_path)))
             if seg_out is not None:
-                files.append((seg_out.path, seg_out.data))
+                files.append(seg_out)
             if overlay:
                 from .overlay import panel_png
 
@@ -229,7 +229,7 @@ def segment_files(
                 "warnings": [warning] if warning else [],
                 "forced": list(vol.forced),  # checks that refused this volume, let through by --force
                 **report_fields(vol),
-                **({"dicom_seg": str(seg_out.path)} if seg_out is not None else {}),
+                **({"dicom_seg": str(seg_out[0])} if seg_out is not None else {}),
             }
             files.append((json_path, json_bytes(report)))
             try:

@@ -10,14 +10,13 @@ standard requires, and the algorithm's name, version and model sha256.
 from __future__ import annotations
 
 import io
-import os
 import warnings
 from pathlib import Path
 
 import numpy as np
 
 from .errors import InputError, require
-from .io import Volume, write_bytes_atomic
+from .io import Volume
 
 ALGORITHM_NAME = "unet-edge"
 
@@ -123,24 +122,11 @@ def seg_bytes(vol: Volume, labels: np.ndarray, model_sha256: str | None) -> byte
     return buf.getvalue()
 
 
-def write_dicom_seg(data: bytes, path: str | os.PathLike) -> Path:
-    """Write SEG bytes atomically (temporary file, then rename)."""
-    return write_bytes_atomic(path, data)
-
-
-class SegOutput:
-    """A DICOM SEG built in memory before any output is written, then written beside the mask."""
-
-    def __init__(self, vol: Volume, labels: np.ndarray, model_sha256: str | None, path: Path):
-        self.path, self.data = Path(path), seg_bytes(vol, labels, model_sha256)
-
-    def write(self) -> dict:
-        write_dicom_seg(self.data, self.path)
-        return {"dicom_seg": str(self.path)}
-
-
-def prepare(enabled: bool, vol: Volume, labels: np.ndarray, model_sha256: str | None, path: Path) -> SegOutput | None:
-    """A SegOutput when ``--dicom-seg`` was asked for and the input is a DICOM series, else None."""
+def prepare(
+    enabled: bool, vol: Volume, labels: np.ndarray, model_sha256: str | None, path: Path
+) -> tuple[Path, bytes] | None:
+    """``(path, SEG bytes)`` when ``--dicom-seg`` was asked for and the input is a DICOM series, else None.
+    Built in memory, so it joins the mask's all-or-nothing write (runtime.outputs.write_group_atomic)."""
     from .dicom import DicomVolume
 
-    return SegOutput(vol, labels, model_sha256, path) if enabled and isinstance(vol, DicomVolume) else None
+    return (Path(path), seg_bytes(vol, labels, model_sha256)) if enabled and isinstance(vol, DicomVolume) else None

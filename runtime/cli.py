@@ -120,7 +120,7 @@ def segment_files(
         echo(f"note: removed {len(removed)} temporary file(s) an interrupted run left in {out_dir}", err=True)
 
     results: dict[Path, dict | str] = {}
-    model_hash = file_sha256(backend.path) if getattr(backend, "path", None) else None
+    model_hash = backend.model_sha256
     settings = {"postprocess": postprocess, "fill_holes": holes, "min_tumour_ml": min_tumour_ml}
     hashes: dict[Path, str] = {}
 

@@ -18,7 +18,7 @@ import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import InputError, SegError, require
+from .errors import InputError, SegError, first_line, require
 
 RAY_EXTRA = "ray"
 MANIFEST_PATH_COLUMN = "path"
@@ -85,7 +85,7 @@ def read_manifest(path: Path) -> list[tuple[Path, str | None]]:
         try:
             rows = pq.read_table(str(path)).to_pylist()
         except Exception as exc:
-            raise InputError(f"{path}: cannot read this Parquet manifest ({str(exc).splitlines()[0][:160]})") from exc
+            raise InputError(f"{path}: cannot read this Parquet manifest ({first_line(exc)})") from exc
     else:
         try:
             with open(path, newline="", encoding="utf-8-sig") as f:

@@ -25,7 +25,7 @@ import nibabel as nib
 import numpy as np
 from nibabel.orientations import io_orientation
 
-from .errors import InputError, require
+from .errors import InputError, first_line, require
 from .io import Volume, read_volume, to_canonical
 
 SERIES_SUFFIX = ".dcmseries"
@@ -362,7 +362,7 @@ def _pixels(ds, path: Path) -> np.ndarray:
     except Exception as exc:
         plugin = _PLUGINS.get(ts)
         name = getattr(ds.file_meta.TransferSyntaxUID, "name", ts) if ts else "unknown"
-        msg = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else type(exc).__name__
+        msg = first_line(exc)
         if plugin and ("missing" in msg.lower() or "plugin" in msg.lower() or "handler" in msg.lower()):
             raise InputError(
                 f"{path}: pixel data is compressed as {name} and no decoder is installed; "
@@ -488,7 +488,7 @@ def read_series(series: Series, resample: bool | None = None) -> DicomVolume:
         try:
             ds = dcm.dcmread(p)
         except Exception as exc:
-            msg = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else type(exc).__name__
+            msg = first_line(exc)
             raise InputError(f"{p}: cannot be read as DICOM ({msg}); the file may be corrupt or truncated") from exc
         planes = _frames_of(ds, i, p)
         frames += planes

@@ -34,3 +34,11 @@ def require(module: str, extra: str, purpose: str, hint: str | None = None):
         raise MissingDependency(
             f"{purpose} needs the '{module}' package: {hint or f'pip install unet-edge[{extra}]'}"
         ) from exc
+
+
+def first_line(exc: BaseException | str, limit: int = 160) -> str:
+    """An exception's message as one short line for an error message (its type if it says nothing)."""
+    text = str(exc).strip()
+    if not text:
+        return type(exc).__name__ if isinstance(exc, BaseException) else ""
+    return text.splitlines()[0][:limit]

@@ -23,7 +23,7 @@ import nibabel as nib
 import numpy as np
 from nibabel.orientations import apply_orientation, io_orientation, ornt_transform
 
-from .errors import InputError
+from .errors import InputError, first_line
 from .geometry import (
     check_affine,
     check_file_holds,
@@ -160,7 +160,7 @@ def load_image(path: str | os.PathLike) -> nib.Nifti1Image:
         with nib.imageglobals.LoggingOutputSuppressor():  # nibabel logs the header fields it mends
             img = nib.load(str(p))
     except Exception as exc:  # nibabel raises several types for garbage/truncated headers
-        raise InputError(f"{p}: cannot be read as NIfTI ({_reason(exc)}); is the file complete?") from exc
+        raise InputError(f"{p}: cannot be read as NIfTI ({first_line(exc)}); is the file complete?") from exc
     if not isinstance(img, (nib.Nifti1Image, nib.Nifti2Image)):
         raise InputError(f"{p}: not a NIfTI-1/2 image ({type(img).__name__})")
     return img
@@ -182,7 +182,7 @@ def _check_shape(img: nib.Nifti1Image, path: str | os.PathLike) -> None:
 
 
 def _corrupt(path: str | os.PathLike, exc: BaseException) -> InputError:
-    return InputError(f"{path}: voxel data is corrupt or truncated ({_reason(exc)}); re-export or re-download it")
+    return InputError(f"{path}: voxel data is corrupt or truncated ({first_line(exc)}); re-export or re-download it")
 
 
 _READ_ERRORS = (OSError, EOFError, zlib.error, ValueError)
@@ -457,7 +457,9 @@ def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> Path:
         if exc.errno not in (errno.EACCES, errno.EPERM, errno.EROFS):
             raise
         parent = p.parent if str(p.parent) else Path(".")
-        raise InputError(f"{parent}: cannot write there ({_reason(exc)}); choose a writable output directory") from exc
+        raise InputError(
+            f"{parent}: cannot write there ({first_line(exc)}); choose a writable output directory"
+        ) from exc
     return p
 
 
@@ -515,8 +517,3 @@ def check_creatable_dir(path: str | os.PathLike, option: str = "-o") -> None:
         raise InputError(f"{p}: {what} a file, not a folder; choose another {option}")
     if probe.is_dir() and not os.access(probe, os.W_OK | os.X_OK):
         raise InputError(f"{probe}: cannot write there (permission denied); choose another {option}")
-
-
-def _reason(exc: BaseException) -> str:
-    msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-    return msg[:160]

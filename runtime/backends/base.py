@@ -8,6 +8,7 @@ its batch limits, input dtype and how many batches it can have in flight at once
 
 from __future__ import annotations
 
+import functools
 from concurrent.futures import Future, ThreadPoolExecutor
 
 import numpy as np
@@ -29,6 +30,15 @@ class Backend:
         self.in_flight = 1  # batches that run at once
         self.queued = 0  # further batches the pipeline may submit ahead, waiting for a free stream
         self.provider = ""
+
+    @functools.cached_property
+    def model_sha256(self) -> str | None:
+        """sha256 of the model file (None for a model served elsewhere), hashed once per backend:
+        a cluster actor segments many volumes with one backend."""
+        from ..models import file_sha256
+
+        path = getattr(self, "path", None)
+        return file_sha256(path) if path else None
 
     # the lifecycle --------------------------------------------------------------------
     def activate(self) -> Backend:

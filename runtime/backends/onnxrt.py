@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import InputError, SegError, SpecError, require
+from ..errors import InputError, SegError, SpecError, first_line, require
 from ..spec import METADATA_KEY, ModelSpec
 from .base import PooledBackend
 
@@ -135,9 +135,7 @@ class OnnxRuntimeBackend(PooledBackend):
         try:
             self.session = ort.InferenceSession(str(self.path), so, providers=providers)
         except Exception as exc:
-            raise InputError(
-                f"{self.path}: ONNX Runtime cannot load this model ({str(exc).splitlines()[0][:160]})"
-            ) from exc
+            raise InputError(f"{self.path}: ONNX Runtime cannot load this model ({first_line(exc)})") from exc
         self.spec = spec_from_session(self.session, self.path)
         check_layout(self.session, self.spec, self.path)
         self.provider = provider

@@ -18,7 +18,7 @@ import threading
 
 import numpy as np
 
-from ..errors import SegError, SpecError, require
+from ..errors import SegError, SpecError, first_line, require
 from ..spec import METADATA_KEY, ModelSpec
 from .base import PooledBackend
 
@@ -32,8 +32,7 @@ class TritonError(SegError):
 def _reason(exc: BaseException) -> str:
     """The first line of a client exception, without the gRPC status noise."""
     msg = getattr(exc, "message", None)
-    text = (msg() if callable(msg) else None) or str(exc) or type(exc).__name__
-    return text.strip().splitlines()[0][:200]
+    return first_line((msg() if callable(msg) else None) or exc, 200)
 
 
 def split_url(url: str, protocol: str) -> tuple[str, str]:

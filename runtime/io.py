@@ -324,7 +324,7 @@ def read_volume(
         forced=forced,
     )
     if not stream and ct:
-        _check_ct(vol, force)
+        check_ct(vol, force)
     if on_open is not None:
         on_open(vol)
     if stream:
@@ -339,11 +339,13 @@ def read_volume(
             raise err from exc
         vol.arrival.publish(data.shape[2])
         if ct:
-            _check_ct(vol, force)
+            check_ct(vol, force)
     return vol
 
 
-def _check_ct(vol: Volume, force: bool) -> None:
+def check_ct(vol: Volume, force: bool) -> None:
+    """Refuse voxels that cannot be a CT in HU (runtime.geometry.not_ct_reason), unless forced:
+    then the reason is listed in ``vol.forced``."""
     reason = not_ct_reason(vol.data)
     if reason and not force:
         raise InputError(f"{vol.path}: {reason}; give a CT in HU, or pass --force to segment it anyway")

@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from .dicom import is_series_path, read_input
-from .io import Arrival, Volume, read_volume
+from .io import Arrival, Volume, check_ct, read_volume
 from .preprocess import SliceBatcher, logits_to_labels, logits_to_probabilities, slice_grid
 from .spec import ModelSpec
 
@@ -199,11 +199,16 @@ def segment_canonical(
 def read_any(
     path: Path, on_open: Callable[[Volume], None] | None = None, force: bool = False, ct: bool = False
 ) -> Volume:
-    """The default reader: a DICOM series (runtime.dicom) or a NIfTI file (runtime.io.read_volume,
-    with its plausibility checks: ``force`` lets them through, ``ct`` adds the not-CT check)."""
-    if is_series_path(path):
-        return read_input(path, on_open=on_open)
-    return read_volume(path, on_open=on_open, force=force, ct=ct)
+    """The default reader: a DICOM series (runtime.dicom) or a NIfTI file (runtime.io.read_volume),
+    with the plausibility checks: ``force`` lets them through, ``ct`` adds the not-CT check."""
+    if not is_series_path(path):
+        return read_volume(path, on_open=on_open, force=force, ct=ct)
+    vol = read_input(path)
+    if ct:
+        check_ct(vol, force)
+    if on_open is not None:
+        on_open(vol)
+    return vol
 
 
 def read_ahead(

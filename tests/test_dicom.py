@@ -342,6 +342,8 @@ def corrupt_cases(tmp_path, phantom):
     ds.ImageOrientationPatient = [1, 0, 0, 0, 0.8, -0.6]
     ds.save_as(files[1])
     cases[17] = "mixed orientations in one series"
+    write_ct_series(np.full_like(hu, 40.0), aff, d / "blank", ids=new_ids(series_number=18))
+    cases[18] = "not a CT"  # the same not-CT refusal as a NIfTI volume gets
     return cases
 
 
